@@ -1,0 +1,338 @@
+"""MixLoRA: Conditional Mixture of LoRA, the whole method in one file.
+
+Shen, Xu, Wang, Cheng, Yin, Huang, "Multimodal Instruction Tuning with Conditional Mixture
+of LoRA", ACL 2024, arXiv 2402.15896. (Not the token-routed mixture of LoRA experts of
+arXiv 2404.15159, which shares the name.)
+
+LoRA adds to a frozen weight W (d_out x d_in) a product of A (r x d_in) and B (d_out x r),
+which is a sum of r rank-1 factors:
+
+    ΔW = B A = Σ_{i=1..r} b_i ⊗ a_i                                               (eq. 1)
+
+MixLoRA keeps a pool of E > r factors {a_e}, {b_e} per adapted layer, and every input
+instance n builds its own ΔW_n from r of them:
+
+    x̄_n = mean of x_n over its prompt positions (mask = True)
+    IFS:  p^A = softmax(R^A x̄),   S^A = top-r(p^A), sorted ascending
+    CFS:  c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>
+          p^B = softmax(R^B x̄) + λ softmax(c),   S^B = top-r(p^B), sorted ascending
+    y   = W x + (α/r) Σ_j w_j b_{S^B_j} (a_{S^A_j} · x),   w_j = 1 in value (straight-through)
+
+Read top to bottom: LoRALinear (the baseline), MixLoRALinear (route, forward, delta_weight),
+then the helpers that put adapters into a model, route it on a prompt mask and save them.
+"""
+
+import math
+import re
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class _LowRankAdapter(nn.Module):
+    """What LoRA and MixLoRA share: a frozen nn.Linear W, factor pools and the scale α/r.
+
+    The pools hold E factors: a_e = lora_A[e] (a row) and b_e = lora_B[:, e] (a column).
+    LoRA uses all of them (E = r); MixLoRA picks r per instance. As in LoRA, A starts
+    kaiming-uniform and B at zero, so an adapted model starts exactly at its base model.
+    The adapter stays a drop-in for the nn.Linear it wraps: .weight, .bias, .in_features
+    and .out_features read through to it.
+    """
+
+    def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None, dropout: float):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"an adapter wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if not isinstance(num_factors, int) or num_factors < rank:
+            raise ValueError(f"num_factors (E) must be an integer >= rank (r={rank}), since each instance "
+                             f"picks r of the E factors; got {num_factors!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.base = base
+        self.num_factors, self.rank = num_factors, rank
+        self.scaling = (rank if alpha is None else alpha) / rank  # α / r
+        self.dropout = nn.Dropout(dropout)
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(num_factors, base.in_features, **like))  # (E, d_in)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, num_factors, **like))  # (d_out, E)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def extra_repr(self) -> str:
+        return f"num_factors={self.num_factors}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class LoRALinear(_LowRankAdapter):
+    """LoRA (Hu et al., 2021), the baseline: y = W x + (α/r) B A dropout(x), ΔW = B A (eq. 1)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0):
+        super().__init__(base, rank, rank, alpha, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        return self.base(x) + self.scaling * (self.dropout(x) @ self.lora_A.T @ self.lora_B.T)
+
+
+class Routing(NamedTuple):
+    """One routing decision per instance: S^A, S^B and their straight-through gates."""
+
+    index_a: Tensor  # (N, r) int64: S^A, the chosen a-factors, ascending
+    index_b: Tensor  # (N, r) int64: S^B, the chosen b-factors, ascending
+    gate_a: Tensor  # (N, r): 1.0 in value; its gradient is that of p^A[S^A]
+    gate_b: Tensor  # (N, r): 1.0 in value; its gradient is that of p^B[S^B]
+
+
+def _straight_through(p: Tensor, index: Tensor) -> Tensor:
+    """w = (g - g.detach()) + 1 with g = p[index]: exactly 1 forward, ∂w/∂p = ∂g/∂p backward.
+
+    The bracket is exactly 0, so w is exactly 1; 1 + g - g.detach() would round, and E = r
+    would then differ from LoRA in the last bits.
+    """
+    g = p.gather(-1, index)
+    return (g - g.detach()) + 1.0
+
+
+class MixLoRALinear(_LowRankAdapter):
+    """Conditional Mixture of LoRA: each instance n gets ΔW_n = (α/r) Σ_j b_{S^B_j} ⊗ a_{S^A_j}.
+
+    lora_A (E, d_in) and lora_B (d_out, E) are the factor pools; with E = r they have exactly
+    LoRALinear's shapes, and the layer is LoRA. Routers: R^A = router_A and R^B = router_B
+    (E, d_in), both bias-free, for Independent Factor Selection (IFS); W^CFS = router_cfs
+    (r, d_in, E) for Conditional Factor Selection (CFS), weighted by λ = cfs_weight.
+    router_grad=False freezes the routers at their random init (stored as buffers, with no
+    gradient through the routing): the behaviour of the authors' released code.
+    """
+
+    def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None = None,
+                 dropout: float = 0.0, conditional: bool = True, cfs_weight: float = 1.0,
+                 router_grad: bool = True):
+        super().__init__(base, num_factors, rank, alpha, dropout)
+        self.conditional, self.cfs_weight, self.router_grad = conditional, cfs_weight, router_grad
+        d_in, E, like = base.in_features, num_factors, self.lora_A
+        # Small random init, as nn.Linear's default: uniform in ±1/sqrt(fan_in).
+        routers = {"router_A": torch.rand(E, d_in) * 2 - 1, "router_B": torch.rand(E, d_in) * 2 - 1}
+        routers = {name: w / math.sqrt(d_in) for name, w in routers.items()}
+        if conditional:
+            routers["router_cfs"] = (torch.rand(rank, d_in, E) * 2 - 1) / math.sqrt(rank * d_in)
+        for name, w in routers.items():
+            w = w.to(like)
+            if router_grad:
+                self.register_parameter(name, nn.Parameter(w))
+            else:
+                self.register_buffer(name, w)
+        self.mask: Tensor | None = None  # the prompt mask, while inside routing_mask(model, mask)
+        self.last_routing: Routing | None = None  # what the last forward chose, detached
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        """Choose S^A by IFS and S^B by IFS + CFS for every instance of x ((N, T, d_in) or (N, d_in)).
+
+        Routing runs in float32 at least (float64 stays float64), also under autocast, and sees
+        x before dropout. mask (N, T) bool, True at prompt positions, selects what x̄ averages.
+        """
+        x, mask = _instances(x, mask, self.in_features)  # (N, T, d_in), (N, T) or None
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            if mask is None:
+                x_bar = x.mean(1)  # (N, d_in)
+            else:
+                # Masked mean as one matmul. clamp: an instance with no prompt position (caught
+                # on the CPU, not checked on a GPU, where checking would sync) routes on 0, not NaN.
+                m = mask.to(x.dtype)
+                m = m / m.sum(1, keepdim=True).clamp(min=1)
+                x_bar = torch.bmm(m[:, None, :], x).squeeze(1)  # (N, d_in)
+            x_bar = x_bar.to(dtype)
+            # IFS: p^A = softmax(R^A x̄), S^A = top-r, in canonical (ascending) order.
+            p_a = torch.softmax(x_bar @ self.router_A.to(dtype).T, dim=-1)  # (N, E)
+            index_a = p_a.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
+            # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
+            p_b = torch.softmax(x_bar @ self.router_B.to(dtype).T, dim=-1)  # (N, E)
+            if self.conditional:
+                a = self.lora_A[index_a].to(dtype)  # (N, r, d_in)
+                c = torch.einsum("nji,jie->ne", a, self.router_cfs.to(dtype))  # (N, E)
+                p_b = p_b + self.cfs_weight * torch.softmax(c, dim=-1)
+            index_b = p_b.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
+        if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
+            p_a, p_b = p_a.detach(), p_b.detach()
+        return Routing(index_a, index_b, _straight_through(p_a, index_a), _straight_through(p_b, index_b))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """y = W x + (α/r) bmm(bmm(dropout(x), A_nᵀ) · w, B_nᵀ): two gathers and two bmm's.
+
+        x: (N, T, d_in), or (N, d_in) for one position per instance. mask defaults to the one
+        set by routing_mask(). No per-instance ΔW, no loop over instances, no host sync.
+        """
+        routing = self.route(x, self.mask if mask is None else mask)
+        self.last_routing = Routing(*(t.detach() for t in routing))
+        x3 = x if x.dim() == 3 else x[:, None]  # (N, T, d_in)
+        A = self.lora_A[routing.index_a]  # (N, r, d_in): rows a_{S^A_j}
+        B = self.lora_B.T[routing.index_b]  # (N, r, d_out): columns b_{S^B_j}
+        h = torch.bmm(self.dropout(x3), A.transpose(1, 2))  # (N, T, r)
+        w = routing.gate_a * routing.gate_b  # (N, r), exactly 1 in value
+        delta = torch.bmm(h * w[:, None, :].to(h.dtype), B)  # (N, T, d_out)
+        return self.base(x) + self.scaling * delta.view(*x.shape[:-1], -1)
+
+    def delta_weight(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The explicit ΔW_n = (α/r) Σ_j w_j b_{S^B_j} ⊗ a_{S^A_j} (eq. 1) of every instance: (N, d_out, d_in).
+
+        For teaching and tests: slow on purpose; forward never builds it.
+        """
+        routing = self.route(x, mask)
+        A = self.lora_A[routing.index_a]  # (N, r, d_in)
+        B = self.lora_B.T[routing.index_b]  # (N, r, d_out)
+        w = routing.gate_a * routing.gate_b  # (N, r)
+        delta = A.new_zeros(A.shape[0], self.out_features, self.in_features)  # (N, d_out, d_in)
+        for j in range(self.rank):  # Σ_j over the r slots; ⊗ is the outer product b a^T
+            delta = delta + w[:, j, None, None] * (B[:, j, :, None] * A[:, j, None, :])
+        return self.scaling * delta
+
+
+def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor, Tensor | None]:
+    """Check x and mask; return x as (N, T, d_in) and mask as (N, T) bool or None."""
+    if x.dim() not in (2, 3) or x.shape[-1] != in_features:
+        raise ValueError(f"expected x of shape (N, T, {in_features}) or (N, {in_features}), "
+                         f"got {tuple(x.shape)}")
+    x = x if x.dim() == 3 else x[:, None]
+    if mask is None:
+        return x, None
+    N, T = x.shape[:2]
+    if mask.dtype != torch.bool or tuple(mask.shape) != (N, T):
+        raise ValueError(f"mask must be a bool tensor of shape (N, T) = ({N}, {T}), True at prompt "
+                         f"positions; got {mask.dtype} of shape {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    if mask.device.type == "cpu" and not mask.any(1).all():
+        empty = (~mask.any(1)).nonzero().flatten().tolist()
+        raise ValueError(f"mask has no True position in instance(s) {empty}: every instance needs "
+                         f"at least one prompt position to route on")
+    return x, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Putting adapters into a model, routing it on a prompt mask, training and saving them
+# ---------------------------------------------------------------------------------------------
+
+def _replace_linears(model: nn.Module, targets: Sequence[str] | str,
+                     make: Callable[[nn.Linear], _LowRankAdapter]) -> nn.Module:
+    """Swap every nn.Linear whose qualified name matches targets for make(linear), in place.
+
+    targets: a list of name suffixes (["q_proj", "v_proj"]), or a regex that must match a whole
+    name (as in PEFT). Every target must match something, and only nn.Linear layers.
+    """
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        chosen = [n for n in names if re.fullmatch(targets, n)]
+        unmatched = [] if chosen else [targets]
+    else:
+        chosen = [n for n in names if any(matches(n, t) for t in targets)]
+        unmatched = [t for t in targets if not any(matches(n, t) for n in names)]
+    if unmatched:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"target(s) {unmatched} match no module of {type(model).__name__}; "
+                         f"its nn.Linear layers are {linears[:12]}{' ...' if len(linears) > 12 else ''}")
+    for name in chosen:
+        module, parent = model.get_submodule(name), model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, _LowRankAdapter) or isinstance(parent, _LowRankAdapter):
+            raise ValueError(f"target {name!r} already has an adapter")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear")
+        if isinstance(parent, nn.MultiheadAttention):  # its forward reads out_proj.weight directly
+            raise ValueError(f"target {name!r} belongs to an nn.MultiheadAttention, whose forward "
+                             f"bypasses the layer's forward, so an adapter there would do nothing")
+    adapters = {name: make(model.get_submodule(name)) for name in chosen}  # all built, then swapped
+    for name, adapter in adapters.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, adapter)
+    return model
+
+
+def add_lora(model: nn.Module, targets: Sequence[str] | str, rank: int, alpha: float | None = None,
+             dropout: float = 0.0) -> nn.Module:
+    """Wrap the target nn.Linear layers of model in LoRALinear, in place; returns model."""
+    return _replace_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout))
+
+
+def add_mixlora(model: nn.Module, targets: Sequence[str] | str, num_factors: int, rank: int,
+                alpha: float | None = None, dropout: float = 0.0, conditional: bool = True,
+                cfs_weight: float = 1.0, router_grad: bool = True) -> nn.Module:
+    """Wrap the target nn.Linear layers of model in MixLoRALinear, in place; returns model."""
+    return _replace_linears(model, targets, lambda base: MixLoRALinear(
+        base, num_factors, rank, alpha, dropout, conditional, cfs_weight, router_grad))
+
+
+@contextmanager
+def routing_mask(model: nn.Module, mask: Tensor) -> Iterator[None]:
+    """Inside, every MixLoRALinear of model routes on mask (N, T) bool, True = prompt position.
+
+    This is how a model hands its prompt mask to layers whose forward takes only x, so that
+    routing never sees the answer: teacher-forced training and generation then route alike.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a bool tensor of shape (N, T), got {mask.dtype} {tuple(mask.shape)}")
+    layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+    for layer in layers:
+        layer.mask = mask
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.mask = None
+
+
+def _adapters(model: nn.Module) -> Iterator[tuple[str, _LowRankAdapter]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, _LowRankAdapter))
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
+    """Freeze everything but the adapters' pools and (trainable) routers; returns model."""
+    model.requires_grad_(False)
+    for _, adapter in _adapters(model):
+        for name, p in adapter.named_parameters():
+            p.requires_grad_(not name.startswith("base."))
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every adapter tensor (pools, routers, frozen routers too), none of the base model's."""
+    return {f"{prefix}.{k}" if prefix else k: v
+            for prefix, adapter in _adapters(model)
+            for k, v in adapter.state_dict().items() if not k.startswith("base.")}
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Strict load: the keys and shapes must be exactly those of adapter_state_dict(model)."""
+    own = adapter_state_dict(model)
+    problems = [f"missing: {k}" for k in sorted(own.keys() - state_dict.keys())]
+    problems += [f"unexpected: {k}" for k in sorted(state_dict.keys() - own.keys())]
+    problems += [f"shape of {k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
+                 for k in sorted(own.keys() & state_dict.keys()) if state_dict[k].shape != own[k].shape]
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ValueError("adapter checkpoint does not fit this model (other targets, method, E, r or "
+                         f"CFS setting?):\n  {shown}")
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state_dict[k])

@@ -1,0 +1,412 @@
+"""Property tests for mixlora.py: the equations of METHOD.md, checked over random shapes in float64."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixlora import (LoRALinear, MixLoRALinear, adapter_state_dict, add_lora, add_mixlora,
+                     load_adapter_state_dict, mark_only_adapters_trainable, routing_mask)
+
+settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
+settings.load_profile("default")
+F64 = torch.float64
+
+
+@dataclass
+class Case:
+    N: int
+    T: int
+    d_in: int
+    d_out: int
+    E: int
+    r: int
+    seed: int
+    conditional: bool
+
+
+@st.composite
+def cases(draw, E_equals_r: bool = False) -> Case:
+    r = draw(st.integers(1, 5))
+    E = r if E_equals_r else draw(st.integers(r, 12))
+    return Case(N=draw(st.integers(1, 5)), T=draw(st.integers(1, 6)), d_in=draw(st.integers(1, 9)),
+                d_out=draw(st.integers(1, 9)), E=E, r=r, seed=draw(st.integers(0, 2**31 - 1)),
+                conditional=draw(st.booleans()))
+
+
+def random_mask(N: int, T: int, g: torch.Generator) -> torch.Tensor:
+    mask = torch.rand(N, T, generator=g) < 0.5
+    mask[torch.arange(N), torch.randint(T, (N,), generator=g)] = True  # each instance routes on something
+    return mask
+
+
+def build(c: Case, **kwargs) -> tuple[MixLoRALinear, torch.Tensor, torch.Tensor]:
+    """A float64 MixLoRALinear with a non-zero b-pool, an input x and a prompt mask."""
+    torch.manual_seed(c.seed)
+    layer = MixLoRALinear(nn.Linear(c.d_in, c.d_out, dtype=F64), c.E, c.r, alpha=2.0 * c.r,
+                          conditional=c.conditional, **kwargs)
+    nn.init.normal_(layer.lora_B)
+    g = torch.Generator().manual_seed(c.seed)
+    x = torch.randn(c.N, c.T, c.d_in, dtype=F64, generator=g)
+    return layer, x, random_mask(c.N, c.T, g)
+
+
+# ---- the method's consequences --------------------------------------------------------------
+
+@given(cases(E_equals_r=True), st.booleans())
+def test_E_equals_r_is_lora(c: Case, use_mask: bool):
+    torch.manual_seed(c.seed)
+    base = nn.Linear(c.d_in, c.d_out, dtype=F64)
+    lora = LoRALinear(base, c.r, alpha=3.0)
+    nn.init.normal_(lora.lora_B)
+    mix = MixLoRALinear(base, c.r, c.r, alpha=3.0, conditional=c.conditional)
+    with torch.no_grad():
+        mix.lora_A.copy_(lora.lora_A)
+        mix.lora_B.copy_(lora.lora_B)
+    x = torch.randn(c.N, c.T, c.d_in, dtype=F64)
+    mask = random_mask(c.N, c.T, torch.Generator().manual_seed(c.seed)) if use_mask else None
+    torch.testing.assert_close(mix(x, mask), lora(x), rtol=1e-12, atol=1e-12)
+    assert torch.equal(mix.last_routing.index_a, torch.arange(c.r).expand(c.N, c.r))
+
+
+@given(cases())
+def test_zero_b_pool_gives_the_base_layer_exactly(c: Case):
+    layer, x, mask = build(c)
+    nn.init.zeros_(layer.lora_B)
+    assert torch.equal(layer(x, mask), layer.base(x))
+
+
+@given(cases())
+def test_batched_forward_equals_loop_and_explicit_delta_weight(c: Case):
+    layer, x, mask = build(c)
+    y = layer(x, mask)
+    loop = torch.cat([layer(x[n:n + 1], mask[n:n + 1]) for n in range(c.N)])
+    torch.testing.assert_close(y, loop, rtol=1e-12, atol=1e-12)
+    delta = layer.delta_weight(x, mask)  # (N, d_out, d_in)
+    assert delta.shape == (c.N, c.d_out, c.d_in)
+    torch.testing.assert_close(y, layer.base(x) + torch.einsum("nti,noi->nto", x, delta), rtol=1e-12, atol=1e-12)
+
+
+@given(cases())
+def test_delta_weight_is_eq1_on_the_chosen_factors(c: Case):
+    layer, x, mask = build(c)
+    routing = layer.route(x, mask)
+    delta = layer.delta_weight(x, mask)
+    for n in range(c.N):  # ΔW_n = (α/r) B[:, S^B] A[S^A]: a LoRA of rank r per instance
+        expected = layer.scaling * layer.lora_B[:, routing.index_b[n]] @ layer.lora_A[routing.index_a[n]]
+        torch.testing.assert_close(delta[n], expected, rtol=1e-12, atol=1e-12)
+
+
+@given(cases())
+def test_routing_invariants(c: Case):
+    layer, x, mask = build(c)
+    routing = layer.route(x, mask)
+    for index in (routing.index_a, routing.index_b):
+        assert index.shape == (c.N, c.r) and index.dtype == torch.int64
+        assert index.min() >= 0 and index.max() < c.E
+        assert (index.diff(dim=-1) > 0).all()  # strictly ascending, hence distinct
+    for gate in (routing.gate_a, routing.gate_b):
+        assert gate.dtype == F64 and torch.equal(gate, torch.ones_like(gate))
+
+
+@given(cases(), st.randoms(use_true_random=False))
+def test_permuting_the_batch_permutes_routing_and_output(c: Case, rnd):
+    layer, x, mask = build(c)
+    perm = torch.tensor(rnd.sample(range(c.N), c.N))
+    y, routing = layer(x, mask), layer.last_routing
+    y_p = layer(x[perm], mask[perm])
+    torch.testing.assert_close(y_p, y[perm], rtol=1e-12, atol=1e-12)
+    assert torch.equal(layer.last_routing.index_a, routing.index_a[perm])
+    assert torch.equal(layer.last_routing.index_b, routing.index_b[perm])
+
+
+@given(cases())
+def test_routing_ignores_other_instances_and_masked_out_positions(c: Case):
+    layer, x, mask = build(c)
+    routing = layer.route(x, mask)
+    noise = torch.randn_like(x) * 10
+    x2 = torch.where(mask[..., None], x, noise)  # change every position routing must not see
+    x2[1:] = noise[1:]  # and every other instance entirely
+    mask2 = mask.clone()
+    mask2[1:] = random_mask(c.N - 1, c.T, torch.Generator().manual_seed(c.seed + 1))
+    routing2 = layer.route(x2, mask2)
+    assert torch.equal(routing2.index_a[0], routing.index_a[0])
+    assert torch.equal(routing2.index_b[0], routing.index_b[0])
+
+
+@given(cases())
+def test_no_mask_routes_on_the_mean_of_all_positions(c: Case):
+    layer, x, _ = build(c)
+    everywhere = torch.ones(c.N, c.T, dtype=torch.bool)
+    assert all(torch.equal(a, b) for a, b in zip(layer.route(x), layer.route(x, everywhere)))
+
+
+def test_two_dimensional_input_is_one_position_per_instance():
+    layer, x, _ = build(Case(N=4, T=1, d_in=6, d_out=5, E=8, r=3, seed=0, conditional=True))
+    y2 = layer(x[:, 0])
+    assert y2.shape == (4, 5)
+    torch.testing.assert_close(y2, layer(x)[:, 0], rtol=0, atol=0)
+
+
+def test_routing_mask_context_routes_every_layer_and_is_reset():
+    layer, x, mask = build(Case(N=5, T=7, d_in=6, d_out=6, E=10, r=3, seed=1, conditional=True))
+    model = nn.Sequential(layer)
+    with routing_mask(model, mask):
+        y = model(x)
+    torch.testing.assert_close(y, layer(x, mask), rtol=0, atol=0)
+    assert layer.mask is None
+    assert not torch.equal(layer(x), y)  # without the mask it routes on every position
+
+
+# ---- Conditional Factor Selection --------------------------------------------------------------
+
+def test_cfs_makes_b_depend_on_the_a_pool_and_ifs_does_not():
+    for conditional in (False, True):
+        layer, x, mask = build(Case(N=64, T=4, d_in=8, d_out=8, E=16, r=4, seed=3, conditional=conditional))
+        before = layer.route(x, mask)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.randn_like(layer.lora_A))
+        after = layer.route(x, mask)
+        assert torch.equal(before.index_a, after.index_a)  # S^A depends on R^A and x̄ only
+        assert torch.equal(before.index_b, after.index_b) == (not conditional)
+
+
+def test_cfs_logits_are_the_dot_product_of_chosen_a_factors_with_w_cfs():
+    layer, x, mask = build(Case(N=6, T=3, d_in=5, d_out=4, E=9, r=3, seed=4, conditional=True))
+    with torch.no_grad():
+        layer.router_B.zero_()  # p^B = 1/E + softmax(c): S^B is the top-r of c alone
+    routing = layer.route(x, mask)
+    for n in range(6):
+        c = torch.stack([sum(layer.lora_A[routing.index_a[n, j]] @ layer.router_cfs[j, :, e] for j in range(3))
+                         for e in range(9)])
+        assert torch.equal(routing.index_b[n], c.topk(3).indices.sort().values)
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+def loss_of(layer: MixLoRALinear, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (layer(x, mask) * torch.linspace(-1, 1, layer.out_features, dtype=x.dtype)).sum()
+
+
+@given(cases())
+def test_routers_get_gradients_and_unchosen_pool_rows_get_zero(c: Case):
+    layer, x, mask = build(c)
+    loss_of(layer, x, mask).backward()
+    used_a = torch.zeros(c.E, dtype=torch.bool)
+    used_b = torch.zeros(c.E, dtype=torch.bool)
+    used_a[layer.last_routing.index_a.flatten()] = True
+    used_b[layer.last_routing.index_b.flatten()] = True
+    assert torch.equal(layer.lora_A.grad[~used_a], torch.zeros_like(layer.lora_A.grad[~used_a]))
+    assert torch.equal(layer.lora_B.grad[:, ~used_b], torch.zeros_like(layer.lora_B.grad[:, ~used_b]))
+    routers = ["router_A", "router_B"] + (["router_cfs"] if c.conditional else [])
+    for name in routers:
+        assert getattr(layer, name).grad is not None
+    if c.E > c.r:  # with E = r the softmax's gradient sums to zero over all rows: no signal to route on
+        assert layer.router_A.grad.abs().sum() > 0 and layer.router_B.grad.abs().sum() > 0
+
+
+def test_gates_are_straight_through_p_of_the_chosen_factors():
+    layer, x, mask = build(Case(N=5, T=4, d_in=7, d_out=3, E=10, r=3, seed=5, conditional=False))
+    routing = layer.route(x, mask)
+    v = torch.randn(5, 3, dtype=F64)
+    m = mask.to(F64)
+    x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True)
+    p_a = torch.softmax(x_bar @ layer.router_A.T, dim=-1)
+    (expected,) = torch.autograd.grad((p_a.gather(1, routing.index_a) * v).sum(), layer.router_A)
+    (got,) = torch.autograd.grad((routing.gate_a * v).sum(), layer.router_A)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(cases())
+def test_frozen_routers_get_no_gradient_and_route_the_same(c: Case):
+    layer, x, mask = build(c, router_grad=False)
+    names = dict(layer.named_parameters())
+    assert set(names) == {"lora_A", "lora_B", "base.weight", "base.bias"}
+    assert {"router_A", "router_B"} <= dict(layer.named_buffers()).keys()
+    routing = layer.route(x, mask)
+    assert routing.gate_a.grad_fn is None and routing.gate_b.grad_fn is None
+    loss_of(layer, x, mask).backward()
+    assert layer.lora_B.grad is not None
+
+
+# ---- precision --------------------------------------------------------------------------------
+
+def test_routing_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(32, 16), 16, 4)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(8, 10, 32)
+    mask = random_mask(8, 10, torch.Generator().manual_seed(0))
+    y32, routing32 = layer(x, mask), layer.last_routing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, routing16 = layer(x, mask), layer.last_routing
+    assert routing16.gate_a.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(routing32, routing16))
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
+
+
+def test_a_bf16_model_without_autocast_runs_and_routes_in_float32():
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(32, 16), 16, 4).to(torch.bfloat16)
+    y = layer(torch.randn(3, 5, 32, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and layer.last_routing.gate_a.dtype == torch.float32
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_factors=8, rank=0), "rank must be"),
+    (dict(num_factors=3, rank=4), "num_factors"),
+    (dict(num_factors=8, rank=2, dropout=1.0), "dropout"),
+    (dict(num_factors=8, rank=2, dropout=-0.1), "dropout"),
+])
+def test_bad_hyperparameters_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MixLoRALinear(nn.Linear(4, 4), **kwargs)
+
+
+def test_bad_inputs_raise_with_what_is_expected():
+    layer, x, mask = build(Case(N=3, T=4, d_in=5, d_out=2, E=6, r=2, seed=0, conditional=True))
+    with pytest.raises(ValueError, match=r"\(N, T, 5\)"):
+        layer(torch.randn(3, 4, 6, dtype=F64))
+    with pytest.raises(ValueError, match=r"\(N, T, 5\)"):
+        layer(torch.randn(2, 3, 4, 5, dtype=F64))
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        layer(x, mask[:, :3])
+    with pytest.raises(ValueError, match="bool"):
+        layer(x, mask.long())
+    empty = mask.clone()
+    empty[1] = False
+    with pytest.raises(ValueError, match=r"instance\(s\) \[1\]"):
+        layer(x, empty)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 5\)"):
+        LoRALinear(nn.Linear(5, 2), 2)(torch.randn(3, 4))
+
+
+# ---- models: add, mark trainable, save, load -------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.q_proj, self.v_proj, self.norm = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.v_proj(self.norm(x)) + self.q_proj(x)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(Block(), Block())
+
+
+def test_add_mixlora_replaces_exactly_the_targets_and_stays_drop_in():
+    model = tiny_model()
+    q_weight = model[0].q_proj.weight
+    add_mixlora(model, ["q_proj"], num_factors=6, rank=2)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, MixLoRALinear)]
+    assert adapted == ["0.q_proj", "1.q_proj"]
+    q = model[0].q_proj
+    assert q.weight is q_weight and q.bias is q.base.bias and (q.in_features, q.out_features) == (8, 8)
+    assert isinstance(model[0].v_proj, nn.Linear)
+    add_lora(model, r"1\.v_proj", rank=2)  # a regex matches whole names
+    assert isinstance(model[1].v_proj, LoRALinear) and isinstance(model[0].v_proj, nn.Linear)
+
+
+def test_add_adapter_errors_name_the_target():
+    with pytest.raises(ValueError, match="k_proj"):
+        add_mixlora(tiny_model(), ["q_proj", "k_proj"], num_factors=4, rank=2)
+    with pytest.raises(ValueError, match="LayerNorm, not an nn.Linear"):
+        add_lora(tiny_model(), ["norm"], rank=2)
+    model = add_lora(tiny_model(), ["q_proj"], rank=2)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        add_mixlora(model, ["q_proj"], num_factors=4, rank=2)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        add_lora(model, r".*q_proj\.base", rank=2)
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        add_lora(mha, ["out_proj"], rank=2)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="num_factors"):
+        add_mixlora(model, ["q_proj"], num_factors=1, rank=2)
+    assert not any(isinstance(m, MixLoRALinear) for m in model.modules())  # nothing half-done
+
+
+def test_mark_only_adapters_trainable():
+    model = add_mixlora(tiny_model(), ["q_proj", "v_proj"], num_factors=6, rank=2)
+    mark_only_adapters_trainable(model)
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "router_A", "router_B", "router_cfs"}
+    assert frozen == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("router_grad", [True, False])
+def test_adapter_state_dict_round_trips(router_grad: bool):
+    def adapted():
+        return add_mixlora(tiny_model(), ["q_proj", "v_proj"], num_factors=6, rank=2, router_grad=router_grad)
+    trained, fresh = adapted(), adapted()
+    with torch.no_grad():
+        for _, t in adapter_state_dict(trained).items():
+            t.normal_()
+    state = adapter_state_dict(trained)
+    assert not any(".base." in k for k in state) and any("router_A" in k for k in state)
+    x = torch.randn(3, 4, 8)
+    assert not torch.equal(fresh(x), trained(x))
+    load_adapter_state_dict(fresh, state)
+    assert torch.equal(fresh(x), trained(x))
+
+
+def test_mismatched_adapter_checkpoints_say_what_differs():
+    state = adapter_state_dict(add_mixlora(tiny_model(), ["q_proj"], num_factors=6, rank=2))
+    with pytest.raises(ValueError, match=r"shape of 0\.q_proj\.lora_A: checkpoint \(6, 8\), model \(8, 8\)"):
+        load_adapter_state_dict(add_mixlora(tiny_model(), ["q_proj"], num_factors=8, rank=2), state)
+    with pytest.raises(ValueError, match=r"unexpected: 0\.q_proj\.router_cfs"):
+        load_adapter_state_dict(add_mixlora(tiny_model(), ["q_proj"], 6, 2, conditional=False), state)
+    with pytest.raises(ValueError, match=r"missing: 0\.v_proj\.lora_A"):
+        load_adapter_state_dict(add_mixlora(tiny_model(), ["q_proj", "v_proj"], 6, 2), state)
+
+
+# ---- CUDA (skipped without a GPU) -------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_matches_cpu_in_fp32_and_bf16():
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(64, 48), 16, 4)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(6, 12, 64)
+    mask = random_mask(6, 12, torch.Generator().manual_seed(0))
+    y_cpu, routing_cpu = layer(x, mask), layer.last_routing
+    layer.cuda()
+    y_gpu = layer(x.cuda(), mask.cuda())
+    assert torch.equal(layer.last_routing.index_a.cpu(), routing_cpu.index_a)
+    assert torch.equal(layer.last_routing.index_b.cpu(), routing_cpu.index_b)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_bf16 = layer(x.cuda(), mask.cuda())
+    assert y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y_bf16.float().cpu(), y_cpu, rtol=3e-2, atol=3e-2)
+
+
+@cuda
+def test_no_host_sync_in_forward_and_backward():
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(64, 64), 16, 4, dropout=0.1).cuda()
+    x = torch.randn(4, 9, 64, device="cuda")
+    mask = random_mask(4, 9, torch.Generator().manual_seed(0)).cuda()
+    layer(x, mask).sum().backward()  # warm-up: lazy init may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x, mask)
+        y.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.router_A.grad is not None
