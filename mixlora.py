@@ -113,6 +113,15 @@ def _straight_through(p: Tensor, index: Tensor) -> Tensor:
     return (g - g.detach()) + 1.0
 
 
+def _gather(pool: Tensor, index: Tensor) -> Tensor:
+    """pool[index]: rows of an (E, d) pool for an (N, r) index -> (N, r, d).
+
+    index_select rather than pool[index]: its backward (index_add_) is ~3x faster on the CPU
+    and never syncs with the host on a GPU.
+    """
+    return pool.index_select(0, index.flatten()).view(*index.shape, pool.shape[1])
+
+
 class MixLoRALinear(_LowRankAdapter):
     """Conditional Mixture of LoRA: each instance n gets ΔW_n = (α/r) Σ_j b_{S^B_j} ⊗ a_{S^A_j}.
 
@@ -168,8 +177,11 @@ class MixLoRALinear(_LowRankAdapter):
             # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
             p_b = torch.softmax(x_bar @ self.router_B.to(dtype).T, dim=-1)  # (N, E)
             if self.conditional:
-                a = self.lora_A[index_a].to(dtype)  # (N, r, d_in)
-                c = torch.einsum("nji,jie->ne", a, self.router_cfs.to(dtype))  # (N, E)
+                # Score every factor f in every slot j once, G_jfe = <a_f, W^CFS_{j,:,e}> (no per-
+                # instance gather of A), then add up the r entries each instance chose.
+                G = torch.einsum("fi,jie->jfe", self.lora_A.to(dtype), self.router_cfs.to(dtype))  # (r, E, E)
+                slots = torch.arange(self.rank, device=x.device) * self.num_factors
+                c = _gather(G.flatten(0, 1), index_a + slots).sum(1)  # (N, r, E) -> (N, E)
                 p_b = p_b + self.cfs_weight * torch.softmax(c, dim=-1)
             index_b = p_b.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
@@ -185,8 +197,8 @@ class MixLoRALinear(_LowRankAdapter):
         routing = self.route(x, self.mask if mask is None else mask)
         self.last_routing = Routing(*(t.detach() for t in routing))
         x3 = x if x.dim() == 3 else x[:, None]  # (N, T, d_in)
-        A = self.lora_A[routing.index_a]  # (N, r, d_in): rows a_{S^A_j}
-        B = self.lora_B.T[routing.index_b]  # (N, r, d_out): columns b_{S^B_j}
+        A = _gather(self.lora_A, routing.index_a)  # (N, r, d_in): rows a_{S^A_j}
+        B = _gather(self.lora_B.T, routing.index_b)  # (N, r, d_out): columns b_{S^B_j}
         h = torch.bmm(self.dropout(x3), A.transpose(1, 2))  # (N, T, r)
         w = routing.gate_a * routing.gate_b  # (N, r), exactly 1 in value
         delta = torch.bmm(h * w[:, None, :].to(h.dtype), B)  # (N, T, d_out)
@@ -198,8 +210,8 @@ class MixLoRALinear(_LowRankAdapter):
         For teaching and tests: slow on purpose; forward never builds it.
         """
         routing = self.route(x, mask)
-        A = self.lora_A[routing.index_a]  # (N, r, d_in)
-        B = self.lora_B.T[routing.index_b]  # (N, r, d_out)
+        A = _gather(self.lora_A, routing.index_a)  # (N, r, d_in)
+        B = _gather(self.lora_B.T, routing.index_b)  # (N, r, d_out)
         w = routing.gate_a * routing.gate_b  # (N, r)
         delta = A.new_zeros(A.shape[0], self.out_features, self.in_features)  # (N, d_out, d_in)
         for j in range(self.rank):  # Σ_j over the r slots; ⊗ is the outer product b a^T
