@@ -1,0 +1,201 @@
+"""Tests for the toy suite, the tiny model and train_toy.py (fast, on the CPU)."""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import toy_tasks
+import train_toy
+from mixlora import MixLoRALinear, add_mixlora, load_adapter_state_dict
+from tiny_mllm import TinyMLLM, Tokenizer
+
+TOK = Tokenizer(toy_tasks.vocabulary())
+
+
+def examples(n: int, seed: int = 0) -> list[toy_tasks.Example]:
+    return train_toy.training_examples("instruct", seed, 0, n)
+
+
+def small_model(seed: int = 0) -> TinyMLLM:
+    torch.manual_seed(seed)
+    return TinyMLLM(train_toy.model_config(len(TOK), quick=True))
+
+
+# ---- the task suite ---------------------------------------------------------------------------
+
+def test_tasks_are_deterministic_and_cover_all_skills():
+    a, b = examples(32, seed=3), examples(32, seed=3)
+    assert all((x.image == y.image).all() and (x.prompt, x.answer) == (y.prompt, y.answer) for x, y in zip(a, b))
+    assert any((x.image != y.image).any() for x, y in zip(a, examples(32, seed=4)))
+    assert len(toy_tasks.TASKS) >= 8
+
+
+def test_every_text_is_in_the_vocabulary_and_heldout_phrasings_are_unseen():
+    rng = random.Random(0)
+    for task in [*toy_tasks.TASKS.values(), *toy_tasks.HELDOUT_TASKS.values()]:
+        assert not set(task.templates) & set(task.heldout_templates)
+        for heldout in ([False, True] if task.templates else [True]):
+            for _ in range(50):
+                e = toy_tasks.sample(task, rng, heldout=heldout)
+                assert Tokenizer.UNK not in TOK.encode(e.prompt + " " + e.answer)
+                assert TOK.decode(TOK.encode(e.answer)) == e.answer
+                assert e.image.shape == (32, 32, 3)
+    for _ in range(50):
+        e = toy_tasks.sample_caption(rng)
+        assert Tokenizer.UNK not in TOK.encode(e.prompt + " " + e.answer)
+
+
+@pytest.mark.parametrize("task", ["presence", "spatial", "size"])
+def test_binary_answers_are_balanced(task):
+    rng = random.Random(1)
+    answers = [toy_tasks.sample(toy_tasks.TASKS[task], rng).answer for _ in range(400)]
+    assert 0.4 < answers.count(answers[0]) / len(answers) < 0.6
+
+
+# ---- the tiny model ---------------------------------------------------------------------------
+
+def test_shapes_and_loss_on_answer_tokens_only():
+    model = small_model()
+    batch = examples(6)
+    images, tokens, prompt_lens = train_toy.collate(batch, TOK, torch.device("cpu"))
+    logits, loss = model(images, tokens, prompt_lens)
+    assert logits.shape == (6, tokens.shape[1], len(TOK))
+    expected = []
+    for n, e in enumerate(batch):  # the answer and its EOS, each predicted from the position before it
+        p, a = int(prompt_lens[n]), len(TOK.encode(e.answer)) + 1
+        expected.append(F.cross_entropy(logits[n, p - 1:p + a - 1], tokens[n, p:p + a], reduction="sum"))
+        assert tokens[n, p + a - 1] == Tokenizer.EOS
+    count = sum(len(TOK.encode(e.answer)) + 1 for e in batch)
+    torch.testing.assert_close(loss, torch.stack(expected).sum() / count)
+
+
+def test_routing_ignores_the_answer_tokens():
+    model = add_mixlora(small_model(), train_toy.TARGETS, num_factors=8, rank=2)
+    for layer in model.modules():
+        if isinstance(layer, MixLoRALinear):
+            torch.nn.init.normal_(layer.lora_B)
+    batch = examples(8)
+    images, tokens, prompt_lens = train_toy.collate(batch, TOK, torch.device("cpu"))
+    logits, _ = model(images, tokens, prompt_lens)
+    routings = [m.last_routing for m in model.modules() if isinstance(m, MixLoRALinear)]
+    other = tokens.clone()
+    answer = torch.arange(tokens.shape[1]) >= prompt_lens[:, None]
+    other[answer] = torch.randint(3, len(TOK), (int(answer.sum()),))
+    logits2, _ = model(images, other, prompt_lens)
+    for before, m in zip(routings, [m for m in model.modules() if isinstance(m, MixLoRALinear)]):
+        assert torch.equal(before.index_a, m.last_routing.index_a)
+        assert torch.equal(before.index_b, m.last_routing.index_b)
+    prompt = ~answer
+    torch.testing.assert_close(logits2[prompt], logits[prompt], rtol=0, atol=0)
+    assert not torch.allclose(logits2[answer], logits[answer])
+
+
+# ---- train_toy.py ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted --quick run (base + LoRA + MixLoRA), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("quick")
+    result = train_toy.main(["--quick", "--out", str(tmp / "runs"), "--checkpoints", str(tmp / "ckpt")])
+    return tmp, result
+
+
+def test_quick_run_end_to_end(quick_run):
+    tmp, result = quick_run
+    report = json.loads((tmp / "runs" / "toy-s0-quick.json").read_text())
+    assert [r["label"] for r in report["rows"]] == ["Base (stage 1)", "LoRA", "MixLoRA"]
+    for row in report["rows"]:
+        assert set(row["accuracy"]) == {"seen", "heldout"}
+        assert set(row["accuracy"]["seen"]) == set(toy_tasks.TASKS)
+        assert set(row["accuracy"]["heldout"]) == set(toy_tasks.TASKS) | set(toy_tasks.HELDOUT_TASKS)
+        assert all(0 <= v <= 100 for split in row["accuracy"].values() for v in split.values())
+    table = (tmp / "runs" / "toy-s0-quick.md").read_text()
+    assert "| MixLoRA | 16 | 4 |" in table and "| LoRA | - | 4 |" in table
+    for row in result["rows"][1:]:  # the adapters learned: B moved away from its zero init
+        assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in row["adapters"].items())
+    assert not (tmp / "ckpt" / "base-quick-s0-steps12-bs16.ckpt").exists()  # stage 1 done: only the .pt stays
+
+
+def test_generation_routes_like_teacher_forcing(quick_run):
+    _, result = quick_run
+    args = train_toy.parse_args(["--quick"])
+    model = train_toy.adapt(small_model(), args, "mixlora")
+    load_adapter_state_dict(model, result["rows"][2]["adapters"])
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+    images, prompts, prompt_lens = train_toy.collate(examples(10), TOK, torch.device("cpu"), with_answer=False)
+    answers = model.generate(images, prompts, prompt_lens, max_new_tokens=3)
+    generated = [m.last_routing for m in layers]
+    # Teacher-force the generated answers: the same routing, and the same greedy tokens.
+    tokens = torch.cat([prompts, torch.zeros_like(answers)], dim=1)
+    for n in range(10):
+        tokens[n, prompt_lens[n]:prompt_lens[n] + 3] = answers[n]
+    logits, _ = model(images, tokens, prompt_lens)
+    for m, routing in zip(layers, generated):
+        assert torch.equal(m.last_routing.index_a, routing.index_a)
+        assert torch.equal(m.last_routing.index_b, routing.index_b)
+    for n in range(10):
+        p = int(prompt_lens[n])
+        assert logits[n, p - 1].argmax() == answers[n, 0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatch):
+    _, uninterrupted = quick_run
+    argv = ["--quick", "--methods", "mixlora", "--out", str(tmp_path / "runs"), "--checkpoints", str(tmp_path / "ckpt")]
+    real_save, saves = train_toy.save_atomically, []
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        if "mixlora" in path.name and len([p for p in saves if "mixlora" in p.name]) == 5:
+            raise Interrupted  # killed right after the 5th stage-2 checkpoint (step 5 of 12)
+
+    monkeypatch.setattr(train_toy, "save_atomically", save_then_crash)
+    with pytest.raises(Interrupted):
+        train_toy.main(argv)
+    monkeypatch.setattr(train_toy, "save_atomically", real_save)
+    saved = torch.load(saves[-1], weights_only=False)
+    assert saved["step"] == 5
+    resumed = train_toy.main(argv + ["--resume"])
+    expected, got = uninterrupted["rows"][2]["adapters"], resumed["rows"][1]["adapters"]
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert resumed["rows"][1]["accuracy"] == uninterrupted["rows"][2]["accuracy"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "dora"], "unknown method 'dora'"),
+    (["--rank", "8", "--factors", "4"], "rank <= factors"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_bad_flags_exit_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+# ---- bench_mixlora.py ----------------------------------------------------------------------------
+
+def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys):
+    import bench_mixlora
+    rows = bench_mixlora.main(["--quick"])
+    out = capsys.readouterr().out
+    names = [name for _, name, _, _ in rows]
+    assert names[:5] == ["base", "LoRA r=8", "MixLoRA E=32 r=8", "MixLoRA E=32 r=8 IFS only", "per-instance ΔW"]
+    assert names[5:] == ["LoRA r=4", "MixLoRA E=16 r=4"]
+    assert all(ms > 0 and mib >= 0 for _, _, ms, mib in rows)
+    assert "| shape (N, T, d) | variant | ms |" in out and "MixLoRA/LoRA" in out and "per-instance ΔW/MixLoRA" in out
+    torch.manual_seed(0)  # the authors' formulation, as benchmarked, is the same function as ours
+    layer = MixLoRALinear(torch.nn.Linear(12, 10, dtype=torch.float64), 8, 3)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 7, 12, dtype=torch.float64)
+    torch.testing.assert_close(bench_mixlora.per_instance_delta_forward(layer, x), layer(x))

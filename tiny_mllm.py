@@ -1,0 +1,186 @@
+"""A tiny LLaVA-shaped vision-language model that MixLoRA plugs into.
+
+    image -> VisionEncoder (patches + transformer) -> projector -> image tokens ┐
+    text  -> embedding ---------------------------------------------------------┴-> [image; text]
+          -> decoder-only LM (pre-norm blocks: causal self-attention, MLP) -> next-token logits
+
+As in LLaVA, the image tokens come first and the LM reads them like words. The LM's linear
+layers are named q_proj, k_proj, v_proj, o_proj, up_proj and down_proj, so that
+add_mixlora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], ...)
+adapts every linear layer of the LM and none of the vision tower, as the paper does.
+
+The model hands its prompt mask (image + instruction positions) to the adapters with
+routing_mask, so MixLoRA routes on the prompt alone: teacher-forced training and greedy
+generation choose the same factors.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixlora import routing_mask
+
+
+class Tokenizer:
+    """Word-level: lower-cased words and punctuation marks are the tokens."""
+
+    PAD, EOS, UNK = 0, 1, 2
+
+    def __init__(self, words: list[str]):
+        self.itos = ["<pad>", "<eos>", "<unk>"] + sorted(set(words))
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(w, self.UNK) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
+
+    def decode(self, ids: list[int]) -> str:
+        words = []
+        for i in ids:
+            if i in (self.EOS, self.PAD):
+                break
+            words.append(self.itos[i])
+        return " ".join(words)
+
+
+@dataclass
+class TinyMLLMConfig:
+    vocab_size: int
+    image_size: int = 32
+    patch_size: int = 8
+    vision_dim: int = 128
+    vision_layers: int = 2
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_text_len: int = 32
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class VisionEncoder(nn.Module):
+    """A small ViT: non-overlapping patches, learned positions, pre-norm transformer blocks."""
+
+    def __init__(self, c: TinyMLLMConfig):
+        super().__init__()
+        self.patch_embed = nn.Sequential(  # a small convolutional stem sees edges before patches
+            nn.Conv2d(3, c.vision_dim // 2, 3, stride=2, padding=1), nn.GELU(),  # (N, C/2, H/2, W/2)
+            nn.Conv2d(c.vision_dim // 2, c.vision_dim, c.patch_size // 2, stride=c.patch_size // 2))  # (N, C, H/p, W/p)
+        self.pos = nn.Parameter(torch.randn(1, c.num_patches, c.vision_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(c.vision_dim, c.n_heads, 4 * c.vision_dim, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, c.vision_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(c.vision_dim)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, P, vision_dim)
+        return self.norm(self.blocks(x + self.pos))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: TinyMLLMConfig):
+        super().__init__()
+        self.n_heads = c.n_heads
+        self.q_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.o_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, S, D = x.shape
+        q, k, v = (proj(x).view(N, S, self.n_heads, -1).transpose(1, 2)  # (N, heads, S, D / heads)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(N, S, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: TinyMLLMConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(c.d_model, 4 * c.d_model, bias=False)
+        self.down_proj = nn.Linear(4 * c.d_model, c.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, c: TinyMLLMConfig):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(c.d_model), Attention(c)
+        self.norm2, self.mlp = nn.LayerNorm(c.d_model), MLP(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyMLLM(nn.Module):
+    def __init__(self, c: TinyMLLMConfig):
+        super().__init__()
+        self.config = c
+        self.vision = VisionEncoder(c)
+        self.projector = nn.Linear(c.vision_dim, c.d_model)  # LLaVA v1's linear projector
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos = nn.Parameter(torch.randn(1, c.num_patches + c.max_text_len, c.d_model) * 0.02)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = nn.LayerNorm(c.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)  # also the (tied) output layer
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) in [0, 1] -> image tokens (N, P, d_model)."""
+        return self.projector(self.vision(images * 2 - 1))
+
+    def decode(self, image_tokens: Tensor, tokens: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits at the text positions (N, L, vocab) and the loss on the answer tokens.
+
+        tokens (N, L): instruction, then answer and EOS, then PAD. prompt_lens (N,): how many
+        tokens of each row are instruction. Routing sees the image and the instruction only.
+        """
+        N, P = image_tokens.shape[:2]
+        L = tokens.shape[1]
+        if L > self.config.max_text_len:
+            raise ValueError(f"text of {L} tokens is longer than max_text_len={self.config.max_text_len}")
+        x = torch.cat([image_tokens, self.embed(tokens)], dim=1) + self.pos[:, :P + L]  # (N, P + L, D)
+        text_pos = torch.arange(L, device=tokens.device)
+        prompt = torch.cat([tokens.new_ones(N, P, dtype=torch.bool), text_pos < prompt_lens[:, None]], dim=1)
+        with routing_mask(self, prompt):
+            for layer in self.layers:
+                x = layer(x)
+        logits = self.norm(x[:, P:]) @ self.embed.weight.T  # (N, L, vocab)
+        # Position t predicts token t + 1; only answer tokens (and their EOS) count.
+        is_answer = (text_pos[1:] >= prompt_lens[:, None]) & (tokens[:, 1:] != Tokenizer.PAD)  # (N, L - 1)
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
+        return logits, (ce * is_answer).sum() / is_answer.sum().clamp(min=1)  # no host sync
+
+    def forward(self, images: Tensor, tokens: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decode(self.encode_images(images), tokens, prompt_lens)
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, prompts: Tensor, prompt_lens: Tensor, max_new_tokens: int = 4) -> Tensor:
+        """Greedy answers (N, max_new_tokens), EOS then PAD after each answer's end.
+
+        Without a KV cache every step re-reads the whole sequence under the same prompt mask,
+        so every adapted layer routes exactly as in teacher-forced training. (With a KV cache,
+        route once on the prefill and keep that routing for the new tokens: re-routing on each
+        new token alone, as the authors' released code does, routes unlike training.)
+        """
+        image_tokens = self.encode_images(images)
+        N, rows = prompts.shape[0], torch.arange(prompts.shape[0], device=prompts.device)
+        tokens = F.pad(prompts, (0, max_new_tokens), value=Tokenizer.PAD)
+        done = torch.zeros(N, dtype=torch.bool, device=prompts.device)
+        for step in range(max_new_tokens):
+            logits, _ = self.decode(image_tokens, tokens[:, :prompts.shape[1] + step + 1], prompt_lens)
+            at = prompt_lens - 1 + step  # each row's last token
+            next_token = logits[rows, at].argmax(-1).masked_fill(done, Tokenizer.PAD)
+            tokens[rows, at + 1] = next_token
+            done |= next_token == Tokenizer.EOS
+        return torch.stack([tokens[rows, prompt_lens + i] for i in range(max_new_tokens)], dim=1)
