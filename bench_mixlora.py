@@ -1,0 +1,183 @@
+"""Benchmark: what does a MixLoRA layer cost next to a LoRA layer of the same rank?
+
+Measures, side by side in one run, forward + backward of one adapted linear layer (the frozen
+base included, the input requiring grad as it does mid-network) for: the base alone, LoRA,
+MixLoRA (batched gathers + bmm, with and without CFS), and the per-instance-ΔW formulation of
+the authors' released code (build ΔW_n = B_n A_n per instance, then matmul). Then a whole
+training step of the tiny model with LoRA vs MixLoRA. Prints median times, memory, ratios.
+
+    python bench_mixlora.py                              # CPU, fp32
+    python bench_mixlora.py --device cuda --dtype bf16   # GPU: CUDA events, bf16 autocast
+    python bench_mixlora.py --quick                      # a seconds-long smoke run
+
+Memory: on a GPU, the peak allocated during the step; on the CPU (no allocator statistics),
+the bytes of the tensors autograd saves for backward, each storage counted once.
+"""
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import toy_tasks
+import train_toy
+from mixlora import LoRALinear, MixLoRALinear, _gather
+from tiny_mllm import TinyMLLM, Tokenizer
+
+USER_SHAPES = [(16, 128, 1024), (8, 256, 2048), (4, 512, 4096)]  # (N, T, d), d_in = d_out = d
+
+
+def per_instance_delta_forward(layer: MixLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The released code's formulation: materialise ΔW_n (N, d_out, d_in), then one bmm with it."""
+    routing = layer.route(x)
+    A = _gather(layer.lora_A, routing.index_a)  # (N, r, d_in)
+    B = _gather(layer.lora_B.T, routing.index_b)  # (N, r, d_out)
+    w = (routing.gate_a * routing.gate_b).to(A.dtype)  # (N, r)
+    delta = layer.scaling * torch.bmm((B * w[..., None]).transpose(1, 2), A)  # (N, d_out, d_in)
+    return layer.base(x) + torch.bmm(layer.dropout(x), delta.transpose(1, 2).to(x.dtype))
+
+
+def wall_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def memory_mib(fn, device: torch.device, params: list[torch.Tensor]) -> float:
+    """Peak allocated on a GPU; on the CPU, the bytes autograd saves for backward (params excluded)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    storages: dict[int, int] = {}
+    skip = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
+def measure(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int,
+            params: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Median ms and MiB of each variant. Rounds interleave the variants, so that a change in the
+    machine's load hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(wall_ms(fn, device))
+    return {name: (statistics.median(times[name]), memory_mib(fn, device, params)) for name, fn in fns.items()}
+
+
+def layer_rows(N: int, T: int, d: int, E: int, r: int, device: torch.device, dtype: str, repeats: int) -> list[tuple]:
+    torch.manual_seed(0)
+    base = nn.Linear(d, d, device=device).requires_grad_(False)
+    lora = LoRALinear(base, r)
+    mix = MixLoRALinear(base, E, r)
+    ifs = MixLoRALinear(base, E, r, conditional=False)
+    for layer in (lora, mix, ifs):
+        nn.init.normal_(layer.lora_B, std=0.01)
+    x = torch.randn(N, T, d, device=device, requires_grad=True)
+    grad = torch.randn(N, T, d, device=device)
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def step(forward):
+        def run():
+            with cast:
+                y = forward(x)
+            y.backward(grad.to(y.dtype))
+            x.grad = None
+            for p in (*lora.parameters(), *mix.parameters(), *ifs.parameters()):
+                p.grad = None
+        return run
+
+    variants = [("base", base), (f"LoRA r={r}", lora), (f"MixLoRA E={E} r={r}", mix),
+                (f"MixLoRA E={E} r={r} IFS only", ifs), ("per-instance ΔW", lambda x: per_instance_delta_forward(mix, x))]
+    params = [*lora.parameters(), *mix.parameters(), *ifs.parameters()]
+    results = measure({name: step(fn) for name, fn in variants}, device, repeats, params)
+    return [((N, T, d), name, *results[name]) for name, _ in variants]
+
+
+def tiny_model_rows(device: torch.device, dtype: str, repeats: int, quick: bool) -> list[tuple]:
+    """A whole stage-2 training step of the toy model (forward, backward, AdamW)."""
+    tok = Tokenizer(toy_tasks.vocabulary())
+    args = train_toy.parse_args(["--quick"] if quick else [])
+    batch = train_toy.collate(train_toy.training_examples("instruct", 0, 0, args.batch_size), tok, device)
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    steps, params = {}, []
+    for method in ("lora", "mixlora"):
+        torch.manual_seed(0)
+        model = train_toy.adapt(TinyMLLM(train_toy.model_config(len(tok), quick)).to(device), args, method)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+        def step(model=model, opt=opt):
+            with cast:
+                _, loss = model(*batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        name = f"LoRA r={args.rank}" if method == "lora" else f"MixLoRA E={args.factors} r={args.rank}"
+        steps[name], params = step, params + list(model.parameters())
+    results = measure(steps, device, repeats, params)
+    return [(f"tiny model, batch {args.batch_size}", name, *results[name]) for name in steps]
+
+
+def main(argv: list[str] | None = None) -> list[tuple]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--factors", type=int, default=32)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = [(4, 16, 64)] if args.quick else USER_SHAPES
+    repeats = 2 if args.quick else args.repeats
+    rows = [row for N, T, d in shapes for row in layer_rows(N, T, d, args.factors, args.rank, device, args.dtype, repeats)]
+    rows += tiny_model_rows(device, args.dtype, repeats, args.quick)
+
+    memory = "peak MiB" if device.type == "cuda" else "saved MiB"
+    print(f"\nforward+backward, {device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {repeats}, variants interleaved\n")
+    print(f"| shape (N, T, d) | variant | ms | {memory} | ms / LoRA | {memory} / LoRA |")
+    print("|---|---|---|---|---|---|")
+    lora = {shape: (ms, mib) for shape, name, ms, mib in rows if name.startswith("LoRA")}
+    for shape, name, ms, mib in rows:
+        ref_ms, ref_mib = lora[shape]
+        print(f"| {shape} | {name} | {ms:.2f} | {mib:.1f} | {ms / ref_ms:.2f} | {mib / ref_mib:.2f} |")
+    print("\nratios at each shape: MixLoRA / LoRA (time, memory), per-instance ΔW / MixLoRA (time)")
+    by = {(shape, name.split(" ")[0] + (" IFS" if "IFS" in name else "")): (ms, mib) for shape, name, ms, mib in rows}
+    for shape in dict.fromkeys(shape for shape, *_ in rows):
+        mix, lo = by[shape, "MixLoRA"], by[shape, "LoRA"]
+        line = f"  {shape}: MixLoRA/LoRA {mix[0] / lo[0]:.2f} time, {mix[1] / lo[1]:.2f} memory"
+        if (shape, "per-instance") in by:
+            line += f"; per-instance ΔW/MixLoRA {by[shape, 'per-instance'][0] / mix[0]:.2f} time"
+        print(line)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
