@@ -165,8 +165,8 @@ class MixLoRALinear(_LowRankAdapter):
             if mask is None:
                 x_bar = x.mean(1)  # (N, d_in)
             else:
-                # Masked mean as one matmul. clamp: an instance with no prompt position (caught
-                # on the CPU, not checked on a GPU, where checking would sync) routes on 0, not NaN.
+                # Masked mean as one matmul. clamp: an instance with no prompt position (an error
+                # where _instances can check it) routes on x̄ = 0, never on NaN.
                 m = mask.to(x.dtype)
                 m = m / m.sum(1, keepdim=True).clamp(min=1)
                 x_bar = torch.bmm(m[:, None, :], x).squeeze(1)  # (N, d_in)
@@ -233,7 +233,8 @@ def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor
                          f"positions; got {mask.dtype} of shape {tuple(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
-    if mask.device.type == "cpu" and not mask.any(1).all():
+    # Checked where it is free: on the CPU, outside torch.compile (on a GPU it would sync).
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not mask.any(1).all():
         empty = (~mask.any(1)).nonzero().flatten().tolist()
         raise ValueError(f"mask has no True position in instance(s) {empty}: every instance needs "
                          f"at least one prompt position to route on")

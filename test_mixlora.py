@@ -410,3 +410,27 @@ def test_no_host_sync_in_forward_and_backward():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert layer.router_A.grad is not None
+
+
+@pytest.mark.parametrize("conditional, router_grad", [(True, True), (False, True), (True, False)])
+def test_torch_compile_traces_the_layer_without_graph_breaks(conditional: bool, router_grad: bool):
+    import torch._dynamo
+    torch._dynamo.reset()
+    case = Case(N=4, T=5, d_in=16, d_out=8, E=8, r=2, seed=0, conditional=conditional)
+    layer, x, mask = build(case, router_grad=router_grad)
+    layer.dropout.p = 0.1
+    for args in [(x, mask), (x,)]:
+        explanation = torch._dynamo.explain(layer)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+@cuda
+def test_compiled_layer_matches_eager_on_cuda():
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(64, 64), 16, 4).cuda()
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(4, 9, 64, device="cuda")
+    mask = random_mask(4, 9, torch.Generator().manual_seed(0)).cuda()
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x, mask), layer(x, mask), rtol=1e-4, atol=1e-4)
