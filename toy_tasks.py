@@ -295,6 +295,11 @@ TASKS = {t.name: t for t in [
 HELDOUT_TASKS = {"digit_colour": Task("digit_colour", _digit_colour, (),
                                       ("what colour is the number ?", "tell me the colour of the digit ."))}
 CAPTION_PROMPTS = ("describe the image .", "what does the image show ? describe it .")
+# Our LM, unlike LLaVA's, has no language pretraining: a word it never has to say in stage 1
+# keeps an untrained output embedding, and a frozen base can then never say it confidently.
+# So one alignment prompt is answered with "yes" or "no" first (is any geometric shape drawn,
+# or a digit or an object class?), which puts yes and no in the base's vocabulary.
+SHAPE_PROMPT = "is there a shape in the image ?"
 
 
 def sample(task: Task, rng: random.Random, heldout: bool = False) -> Example:
@@ -308,12 +313,15 @@ def sample_caption(rng: random.Random) -> Example:
     """Stage-1 alignment: the image of any task (held-out ones too), described whole."""
     task = rng.choice(list(TASKS.values()) + list(HELDOUT_TASKS.values()))
     image, caption, _, _ = task.draw(rng)
+    if rng.random() < 1 / 3:
+        has_shape = any(shape in caption.split() for shape in SHAPES)
+        return Example("caption", image, SHAPE_PROMPT, ("yes , " if has_shape else "no , ") + caption)
     return Example("caption", image, rng.choice(CAPTION_PROMPTS), caption)
 
 
 def vocabulary() -> list[str]:
     """Every word the suite can produce, for the word-level tokenizer."""
-    texts = list(CAPTION_PROMPTS) + ["a and the number in big small", *COLOURS, *SHAPES, *CLASSES, *RELATIONS]
+    texts = list(CAPTION_PROMPTS) + [SHAPE_PROMPT, "a and the number in big small", *COLOURS, *SHAPES, *CLASSES, *RELATIONS]
     texts += [str(d) for d in range(10)] + ["yes", "no"]
     for task in [*TASKS.values(), *HELDOUT_TASKS.values()]:
         texts += [t.format(c="", s="", c1="", s1="", c2="", s2="", rel="") for t in task.templates + task.heldout_templates]
