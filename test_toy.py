@@ -2,6 +2,9 @@
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,6 +171,36 @@ def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatc
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert resumed["rows"][1]["accuracy"] == uninterrupted["rows"][2]["accuracy"]
+
+
+def test_every_adapter_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search():
+    args = train_toy.parse_args(["--quick", "--factors", "32", "--rank", "1"])
+    model = train_toy.adapt(small_model(), args, "mixlora")
+    images, tokens, prompt_lens = train_toy.collate(examples(2), TOK, torch.device("cpu"))
+    model(images, tokens, prompt_lens)[1].backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable)
+    # 2 instances x rank 1 choose at most 2 of 32 rows: the other rows get zeros, not None.
+    pool = model.layers[0].attn.q_proj.lora_A.grad
+    assert (pool.abs().sum(1) == 0).sum() >= 30
+
+
+def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
+    """Two gloo processes, each on half of every global batch, end where one process ends."""
+    one, _ = quick_run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_toy.py",
+           "--quick", "--device", "cpu", "--out", str(tmp_path / "runs"), "--checkpoints", str(tmp_path / "ckpt")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "toy-s0-quick.json").read_text())["processes"] == 2
+    base = "base-quick-s0-steps12-bs16.pt"
+    expected, got = (torch.load(d / base, weights_only=False)["model"] for d in (one / "ckpt", tmp_path / "ckpt"))
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    for name in ["lora-r4-s0-steps12-quick.ckpt", "mixlora-E16-r4-s0-steps12-quick.ckpt"]:
+        expected, got = (torch.load(d / name, weights_only=False) for d in (one / "ckpt", tmp_path / "ckpt"))
+        assert got["step"] == expected["step"] == 12
+        assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in got["trainable"].items())
+        torch.testing.assert_close(got["trainable"], expected["trainable"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -123,6 +123,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def answer_mask(tokens: Tensor, prompt_lens: Tensor) -> Tensor:
+    """(N, L - 1) bool: which next-token targets the loss counts. Position t predicts token
+    t + 1; only answer tokens (and their EOS) count, not the instruction or the padding."""
+    text_pos = torch.arange(1, tokens.shape[1], device=tokens.device)
+    return (text_pos >= prompt_lens[:, None]) & (tokens[:, 1:] != Tokenizer.PAD)
+
+
 class TinyMLLM(nn.Module):
     def __init__(self, c: TinyMLLMConfig):
         super().__init__()
@@ -156,8 +163,7 @@ class TinyMLLM(nn.Module):
             for layer in self.layers:
                 x = layer(x)
         logits = self.norm(x[:, P:]) @ self.embed.weight.T  # (N, L, vocab)
-        # Position t predicts token t + 1; only answer tokens (and their EOS) count.
-        is_answer = (text_pos[1:] >= prompt_lens[:, None]) & (tokens[:, 1:] != Tokenizer.PAD)  # (N, L - 1)
+        is_answer = answer_mask(tokens, prompt_lens)  # (N, L - 1)
         ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
         return logits, (ce * is_answer).sum() / is_answer.sum().clamp(min=1)  # no host sync
 

@@ -11,6 +11,12 @@ with the raw numbers under runs/.
     python train_toy.py                                  # base + LoRA r=4 + MixLoRA E=16 r=4
     python train_toy.py --methods mixlora --factors 32 --rank 8 --no-cfs
     python train_toy.py --quick                          # a smoke run of a few seconds
+    torchrun --nproc_per_node=4 train_toy.py             # the same run on 4 GPUs (or CPU processes)
+
+Under torchrun every process trains a DistributedDataParallel copy on its own shard of each
+global batch (--batch-size is the global batch, as on one process); rank 0 logs, evaluates
+and writes the checkpoints, which every process reads (so --checkpoints must be a shared
+directory for multi-node runs and --resume).
 """
 
 import argparse
@@ -25,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import toy_tasks
 from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
                      mark_only_adapters_trainable)
-from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer
+from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer, answer_mask
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # every LM linear
 METHODS = ("lora", "mixlora")
@@ -63,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.exit(2, f"error: unknown method {method!r}; expected one of {', '.join(METHODS)}\n")
     if args.rank < 1 or ("mixlora" in args.methods and args.factors < args.rank):
         p.exit(2, f"error: need 1 <= rank <= factors, got rank={args.rank}, factors={args.factors}\n")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.exit(2, f"error: --batch-size {args.batch_size} is the global batch; it must divide evenly "
+                  f"over the {world} processes\n")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -72,6 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         p.exit(2, f"error: device {args.device!r} is not available here; expected auto, cpu or cuda\n")
     return args
+
+
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK): join the process group, one
+    GPU per process (NCCL), or CPU processes (gloo). Returns (rank, world size)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def model_config(vocab_size: int, quick: bool) -> TinyMLLMConfig:
@@ -94,14 +118,17 @@ def collate(examples: list[toy_tasks.Example], tok: Tokenizer, device: torch.dev
     return images.to(device), tokens.to(device), torch.tensor([len(p) for p in prompts]).to(device)
 
 
-def training_examples(stage: str, seed: int, step: int, batch_size: int) -> list[toy_tasks.Example]:
-    """The batch of a step is a function of (stage, seed, step): the same order for every method,
-    and a resumed run sees exactly the batches it would have seen."""
-    rng = random.Random(f"{stage}-{seed}-{step}")
-    if stage == "base":
-        return [toy_tasks.sample_caption(rng) for _ in range(batch_size)]
+def training_examples(stage: str, seed: int, step: int, batch_size: int,
+                      rank: int = 0, world: int = 1) -> list[toy_tasks.Example]:
+    """Example i of a step's global batch is a function of (stage, seed, step, i): the same data
+    for every method, a resumed run sees exactly the batches it would have seen, and each of
+    `world` processes draws only its own shard i = rank, rank + world, ... of the same batch."""
     tasks = list(toy_tasks.TASKS.values())
-    return [toy_tasks.sample(rng.choice(tasks), rng) for _ in range(batch_size)]
+    examples = []
+    for i in range(rank, batch_size, world):
+        rng = random.Random(f"{stage}-{seed}-{step}-{i}")
+        examples.append(toy_tasks.sample_caption(rng) if stage == "base" else toy_tasks.sample(rng.choice(tasks), rng))
+    return examples
 
 
 def evaluation_sets(size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]:
@@ -171,6 +198,11 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
           steps: int, lr: float, ckpt: Path) -> float:
     """Train model's trainable parameters; checkpoint every ~10% of the steps. Returns seconds."""
     device = next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # DDP averages gradients over processes; every adapter parameter gets one on every rank
+    # (pool rows no instance chose get zeros), so no find_unused_parameters. Buffers (frozen
+    # routers) never change, so they need no broadcast.
+    ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start = 0
@@ -185,32 +217,43 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
         if device.type == "cuda":
             torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
         start = saved["step"]
-        print(f"[{name}] resumed from {ckpt} at step {start}/{steps}")
+        if rank == 0:
+            print(f"[{name}] resumed from {ckpt} at step {start}/{steps}")
     model.train()
     t0, last_print, tokens_seen = time.time(), 0.0, 0
     for step in range(start, steps):
-        images, tokens, prompt_lens = collate(training_examples(stage, args.seed, step, args.batch_size), tok, device)
+        examples = training_examples(stage, args.seed, step, args.batch_size, rank, world)
+        images, tokens, prompt_lens = collate(examples, tok, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
         with autocast(device):
-            _, loss = model(images, tokens, prompt_lens)
+            _, loss = ddp(images, tokens, prompt_lens)  # mean over this process's answer tokens
+        if world > 1:
+            # The loss is a mean over the global batch's answer tokens, as on one process: weight
+            # this shard's mean by its share of them (x world, since DDP averages gradients).
+            count = answer_mask(tokens, prompt_lens).sum().float()
+            totals = torch.stack([count, loss.detach() * count])
+            dist.all_reduce(totals)
+            loss, global_loss = loss * count * world / totals[0], totals[1] / totals[0]
+        else:
+            global_loss = loss.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        tokens_seen += tokens.numel() + images.shape[0] * model.config.num_patches
+        tokens_seen += world * (tokens.numel() + images.shape[0] * model.config.num_patches)
         done = step + 1
-        if done % max(1, steps // 10) == 0 or done == steps:
+        if rank == 0 and (done % max(1, steps // 10) == 0 or done == steps):
             rng_state = {"cpu": torch.get_rng_state()}
             if device.type == "cuda":
                 rng_state["cuda"] = torch.cuda.get_rng_state(device)
             save_atomically({"trainable": trainable_state(model, stage), "optimizer": opt.state_dict(),
                              "step": done, "rng": rng_state, "recipe": recipe(args)}, ckpt)
         now = time.time()
-        if now - last_print > 3 or done == steps:
+        if rank == 0 and (now - last_print > 3 or done == steps):
             last_print, rate = now, tokens_seen / (now - t0)
             left = (steps - done) * (now - t0) / (done - start)
-            print(f"[{name}] step {done}/{steps}  loss {loss.item():.4f}  {rate:,.0f} tok/s  "
+            print(f"[{name}] step {done}/{steps}  loss {global_loss.item():.4f}  {rate:,.0f} tok/s  "
                   f"{int(left) // 60}m{int(left) % 60:02d}s left", flush=True)
     return time.time() - t0
 
@@ -235,7 +278,7 @@ def evaluate(model: TinyMLLM, tok: Tokenizer, sets: dict, batch_size: int = 256)
 
 # ---- the runs ----------------------------------------------------------------------------------
 
-def base_model(args: argparse.Namespace, tok: Tokenizer) -> tuple[TinyMLLM, Path]:
+def base_model(args: argparse.Namespace, tok: Tokenizer, rank: int) -> tuple[TinyMLLM, Path]:
     """Stage 1: the tiny model pretrained on captions; trained once, then read from its cache."""
     config = model_config(len(tok), args.quick)
     torch.manual_seed(args.seed)
@@ -247,12 +290,14 @@ def base_model(args: argparse.Namespace, tok: Tokenizer) -> tuple[TinyMLLM, Path
         if saved.get("config") != vars(config):
             raise SystemExit(f"error: {path} was saved with another model config; delete it to retrain")
         model.load_state_dict(saved["model"])
-        print(f"[base] loaded {path}")
+        if rank == 0:
+            print(f"[base] loaded {path}")
     else:
         seconds = train(model, "base", "base", args, tok, args.base_steps, 1e-3, path.with_suffix(".ckpt"))
-        save_atomically({"model": model.state_dict(), "config": vars(config), "seconds": seconds}, path)
-        path.with_suffix(".ckpt").unlink()
-        print(f"[base] trained in {seconds:.0f}s, saved {path}")
+        if rank == 0:
+            save_atomically({"model": model.state_dict(), "config": vars(config), "seconds": seconds}, path)
+            path.with_suffix(".ckpt").unlink()
+            print(f"[base] trained in {seconds:.0f}s, saved {path}")
     return model, path
 
 
@@ -291,24 +336,39 @@ def markdown_table(rows: list[dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Returns the report and the rows with their adapters (on rank 0; None on other ranks)."""
     args = parse_args(argv)
+    rank, world = setup_distributed(args)
+    try:
+        return run(args, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, rank: int, world: int) -> dict | None:
     tok = Tokenizer(toy_tasks.vocabulary())
     sets = evaluation_sets(args.eval_size)
-    base, base_path = base_model(args, tok)
-    rows = [{"label": "Base (stage 1)", "factors": "-", "rank": "-", "accuracy": evaluate(base, tok, sets)}]
+    base, base_path = base_model(args, tok, rank)
+    if rank == 0:
+        rows = [{"label": "Base (stage 1)", "factors": "-", "rank": "-", "accuracy": evaluate(base, tok, sets)}]
     for method in args.methods:
         name = run_name(args, method)
         model = adapt(copy.deepcopy(base), args, method)
         seconds = train(model, "instruct", name, args, tok, args.steps, args.lr, Path(args.checkpoints) / f"{name}.ckpt")
+        if rank != 0:
+            continue  # rank 0 evaluates; the others wait for it in the next training step
         label = "LoRA" if method == "lora" else "MixLoRA" + (" (IFS only)" if args.no_cfs else "") + (
             " (frozen routers)" if args.frozen_routers else "")
         rows.append({"label": label, "name": name, "factors": "-" if method == "lora" else args.factors,
                      "rank": args.rank, "accuracy": evaluate(model, tok, sets), "train_seconds": seconds,
                      "adapter_parameters": sum(v.numel() for v in adapter_state_dict(model).values()),
                      "adapters": {k: v.cpu() for k, v in adapter_state_dict(model).items()}})
+    if rank != 0:
+        return None
     report = {"args": vars(args), "device": str(args.device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "base_checkpoint": str(base_path),
+              "threads": torch.get_num_threads(), "processes": world, "base_checkpoint": str(base_path),
               "rows": [{k: v for k, v in row.items() if k != "adapters"} for row in rows]}
     tables = (f"Held-out instruction templates (unseen phrasings), exact match %:\n\n{markdown_table(rows, 'heldout')}\n\n"
               f"Seen instruction templates, new images, exact match %:\n\n{markdown_table(rows, 'seen')}\n")
