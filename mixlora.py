@@ -127,8 +127,9 @@ class MixLoRALinear(_LowRankAdapter):
 
     lora_A (E, d_in) and lora_B (d_out, E) are the factor pools; with E = r they have exactly
     LoRALinear's shapes, and the layer is LoRA. Routers: R^A = router_A and R^B = router_B
-    (E, d_in), both bias-free, for Independent Factor Selection (IFS); W^CFS = router_cfs
-    (r, d_in, E) for Conditional Factor Selection (CFS), weighted by λ = cfs_weight.
+    (E, d_in), both bias-free, for Independent Factor Selection (IFS); W^CFS = router_cfs for
+    Conditional Factor Selection (CFS), weighted by λ = cfs_weight, stored as (d_in, r, E):
+    router_cfs[:, j, e] = W^CFS_{j,:,e}, the layout in which scoring is one plain matmul.
     router_grad=False freezes the routers at their random init (stored as buffers, with no
     gradient through the routing): the behaviour of the authors' released code.
     """
@@ -143,7 +144,7 @@ class MixLoRALinear(_LowRankAdapter):
         routers = {"router_A": torch.rand(E, d_in) * 2 - 1, "router_B": torch.rand(E, d_in) * 2 - 1}
         routers = {name: w / math.sqrt(d_in) for name, w in routers.items()}
         if conditional:
-            routers["router_cfs"] = (torch.rand(rank, d_in, E) * 2 - 1) / math.sqrt(rank * d_in)
+            routers["router_cfs"] = (torch.rand(d_in, rank, E) * 2 - 1) / math.sqrt(rank * d_in)
         for name, w in routers.items():
             w = w.to(like)
             if router_grad:
@@ -177,11 +178,11 @@ class MixLoRALinear(_LowRankAdapter):
             # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
             p_b = torch.softmax(x_bar @ self.router_B.to(dtype).T, dim=-1)  # (N, E)
             if self.conditional:
-                # Score every factor f in every slot j once, G_jfe = <a_f, W^CFS_{j,:,e}> (no per-
-                # instance gather of A), then add up the r entries each instance chose.
-                G = torch.einsum("fi,jie->jfe", self.lora_A.to(dtype), self.router_cfs.to(dtype))  # (r, E, E)
-                slots = torch.arange(self.rank, device=x.device) * self.num_factors
-                c = _gather(G.flatten(0, 1), index_a + slots).sum(1)  # (N, r, E) -> (N, E)
+                # Score every factor f in every slot j once, G_fje = <a_f, W^CFS_{j,:,e}> (no per-
+                # instance gather of A, no copy of W^CFS), then add up the r entries chosen.
+                G = self.lora_A.to(dtype) @ self.router_cfs.to(dtype).flatten(1)  # (E, r·E)
+                slots = torch.arange(self.rank, device=x.device)
+                c = _gather(G.view(-1, self.num_factors), index_a * self.rank + slots).sum(1)  # (N, r, E) -> (N, E)
                 p_b = p_b + self.cfs_weight * torch.softmax(c, dim=-1)
             index_b = p_b.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing

@@ -180,7 +180,7 @@ def test_cfs_logits_are_the_dot_product_of_chosen_a_factors_with_w_cfs():
         layer.router_B.zero_()  # p^B = 1/E + softmax(c): S^B is the top-r of c alone
     routing = layer.route(x, mask)
     for n in range(6):
-        c = torch.stack([sum(layer.lora_A[routing.index_a[n, j]] @ layer.router_cfs[j, :, e] for j in range(3))
+        c = torch.stack([sum(layer.lora_A[routing.index_a[n, j]] @ layer.router_cfs[:, j, e] for j in range(3))
                          for e in range(9)])
         assert torch.equal(routing.index_b[n], c.topk(3).indices.sort().values)
 
