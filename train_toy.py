@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cfs", action="store_true", help="MixLoRA with IFS only (λ = 0, no W^CFS)")
     p.add_argument("--frozen-routers", action="store_true", help="routers stay at their random init")
     p.add_argument("--train-projector", action="store_true", help="also train the projector (LLaVA's recipe)")
+    p.add_argument("--tasks", default=None, help="comma-separated: train on these tasks only (a per-task specialist)")
     p.add_argument("--steps", type=int, default=800, help="stage-2 steps")
     p.add_argument("--base-steps", type=int, default=1500, help="stage-1 steps")
     p.add_argument("--batch-size", type=int, default=64)
@@ -66,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.base_steps, args.batch_size, args.eval_size = 12, 12, 16, 8
     args.methods = args.methods.split(",")
+    args.tasks = args.tasks.split(",") if args.tasks else list(toy_tasks.TASKS)
+    for task in args.tasks:
+        if task not in toy_tasks.TASKS:
+            p.exit(2, f"error: unknown task {task!r}; expected some of {', '.join(toy_tasks.TASKS)}\n")
     for method in args.methods:
         if method not in METHODS:
             p.exit(2, f"error: unknown method {method!r}; expected one of {', '.join(METHODS)}\n")
@@ -118,12 +123,13 @@ def collate(examples: list[toy_tasks.Example], tok: Tokenizer, device: torch.dev
     return images.to(device), tokens.to(device), torch.tensor([len(p) for p in prompts]).to(device)
 
 
-def training_examples(stage: str, seed: int, step: int, batch_size: int,
-                      rank: int = 0, world: int = 1) -> list[toy_tasks.Example]:
+def training_examples(stage: str, seed: int, step: int, batch_size: int, rank: int = 0, world: int = 1,
+                      tasks: list[str] | None = None) -> list[toy_tasks.Example]:
     """Example i of a step's global batch is a function of (stage, seed, step, i): the same data
     for every method, a resumed run sees exactly the batches it would have seen, and each of
-    `world` processes draws only its own shard i = rank, rank + world, ... of the same batch."""
-    tasks = list(toy_tasks.TASKS.values())
+    `world` processes draws only its own shard i = rank, rank + world, ... of the same batch.
+    Stage 2 draws uniformly from `tasks` (all of them by default)."""
+    tasks = [toy_tasks.TASKS[t] for t in tasks or toy_tasks.TASKS]
     examples = []
     for i in range(rank, batch_size, world):
         rng = random.Random(f"{stage}-{seed}-{step}-{i}")
@@ -195,8 +201,9 @@ def recipe(args: argparse.Namespace) -> dict:
 
 
 def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok: Tokenizer,
-          steps: int, lr: float, ckpt: Path) -> float:
-    """Train model's trainable parameters; checkpoint every ~10% of the steps. Returns seconds."""
+          steps: int, lr: float, ckpt: Path, until: int | None = None) -> float:
+    """Train model's trainable parameters; checkpoint every ~10% of the steps. Returns seconds.
+    `until` stops early, at that step of the `steps`-long schedule (to look at a model part-way)."""
     device = next(model.parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # DDP averages gradients over processes; every adapter parameter gets one on every rank
@@ -221,8 +228,8 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
             print(f"[{name}] resumed from {ckpt} at step {start}/{steps}")
     model.train()
     t0, last_print, tokens_seen = time.time(), 0.0, 0
-    for step in range(start, steps):
-        examples = training_examples(stage, args.seed, step, args.batch_size, rank, world)
+    for step in range(start, until or steps):
+        examples = training_examples(stage, args.seed, step, args.batch_size, rank, world, args.tasks)
         images, tokens, prompt_lens = collate(examples, tok, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
@@ -243,16 +250,16 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
         opt.step()
         tokens_seen += world * (tokens.numel() + images.shape[0] * model.config.num_patches)
         done = step + 1
-        if rank == 0 and (done % max(1, steps // 10) == 0 or done == steps):
+        if rank == 0 and (done % max(1, steps // 10) == 0 or done in (steps, until)):
             rng_state = {"cpu": torch.get_rng_state()}
             if device.type == "cuda":
                 rng_state["cuda"] = torch.cuda.get_rng_state(device)
             save_atomically({"trainable": trainable_state(model, stage), "optimizer": opt.state_dict(),
                              "step": done, "rng": rng_state, "recipe": recipe(args)}, ckpt)
         now = time.time()
-        if rank == 0 and (now - last_print > 3 or done == steps):
+        if rank == 0 and (now - last_print > 3 or done in (steps, until)):
             last_print, rate = now, tokens_seen / (now - t0)
-            left = (steps - done) * (now - t0) / (done - start)
+            left = ((until or steps) - done) * (now - t0) / (done - start)
             print(f"[{name}] step {done}/{steps}  loss {global_loss.item():.4f}  {rate:,.0f} tok/s  "
                   f"{int(left) // 60}m{int(left) % 60:02d}s left", flush=True)
     return time.time() - t0
@@ -307,6 +314,7 @@ def run_name(args: argparse.Namespace, method: str) -> str:
         name += "-ifs" if args.no_cfs else ""
         name += "-frozen" if args.frozen_routers else ""
     name += "-proj" if args.train_projector else ""
+    name += "-only-" + "+".join(args.tasks) if args.tasks != list(toy_tasks.TASKS) else ""
     return name + f"-s{args.seed}-steps{args.steps}" + ("-quick" if args.quick else "")
 
 
