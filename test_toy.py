@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +233,56 @@ def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 7, 12, dtype=torch.float64)
     torch.testing.assert_close(bench_mixlora.per_instance_delta_forward(layer, x), layer(x))
+
+
+# ---- analysis.py ---------------------------------------------------------------------------------
+
+def test_interference_is_negative_for_conflicting_tasks_and_positive_for_identical_ones():
+    import analysis
+    torch.manual_seed(0)
+    # Columns of X orthogonal with XᵀX/n = I: one SGD step scales every example's residual alike.
+    X = torch.linalg.qr(torch.randn(64, 5, dtype=torch.float64)).Q * 8
+    w = torch.randn(5, dtype=torch.float64)
+    theta = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+
+    def losses(targets):  # (M tasks, n examples)
+        return (X @ theta - targets) ** 2
+
+    # Task 2 wants -w where task 1 wants w: a step on either provably raises the other's loss.
+    conflicting = analysis.interference(losses, torch.stack([X @ w, -X @ w]), torch.stack([X @ w, -X @ w]),
+                                        {"theta": [theta]}, lr=0.05)["theta"]
+    np.testing.assert_allclose(conflicting, [[1 - 0.9 ** 2, 1 - 1.1 ** 2], [1 - 1.1 ** 2, 1 - 0.9 ** 2]])
+    identical = analysis.interference(losses, torch.stack([X @ w, X @ w]), torch.stack([X @ w, X @ w]),
+                                      {"theta": [theta]}, lr=0.05)["theta"]
+    assert (identical > 0).all() and abs(identical[0, 1] - identical[0, 0]) < 1e-12
+    assert (theta == 0).all()  # the parameters are put back
+
+
+def random_selections(groups: list[list[int]], per_group: int, r: int, seed: int = 0):
+    """Multi-hot (len(groups) * per_group, 16): instance of group g picks r factors from groups[g]."""
+    rng = np.random.default_rng(seed)
+    hot = np.zeros((len(groups) * per_group, 16), dtype=bool)
+    for g, allowed in enumerate(groups):
+        for n in range(per_group):
+            hot[g * per_group + n, rng.choice(allowed, r, replace=False)] = True
+    return hot, np.repeat(np.arange(len(groups)), per_group)
+
+
+def test_tsne_puts_two_separated_clusters_apart():
+    import analysis
+    hot, labels = random_selections([list(range(8)), list(range(8, 16))], per_group=40, r=4)
+    y = analysis.tsne(analysis.jaccard_distances(hot), perplexity=10, iters=500)
+    a, b = y[labels == 0], y[labels == 1]
+    radius = max(np.linalg.norm(a - a.mean(0), axis=1).mean(), np.linalg.norm(b - b.mean(0), axis=1).mean())
+    assert np.linalg.norm(a.mean(0) - b.mean(0)) > 3 * radius
+    euclidean = np.linalg.norm(y[:, None] - y[None], axis=-1)
+    assert analysis.knn_purity(euclidean, labels) == 1.0
+
+
+def test_knn_purity_is_one_for_task_aligned_routing_and_chance_for_random_routing():
+    import analysis
+    aligned, labels = random_selections([[2 * t, 2 * t + 1] for t in range(8)], per_group=50, r=2)
+    assert analysis.knn_purity(analysis.jaccard_distances(aligned), labels) == 1.0
+    random_hot, labels = random_selections([list(range(16))] * 8, per_group=50, r=4, seed=1)
+    chance = 49 / 399  # another instance of the same task, among the 399 others
+    assert abs(analysis.knn_purity(analysis.jaccard_distances(random_hot), labels) - chance) < 0.03

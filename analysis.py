@@ -1,0 +1,455 @@
+"""The paper's analyses, measured on the toy suite: task interference, factor-selection maps, ablations.
+
+    python analysis.py interference   # I_ij for LoRA and MixLoRA, A and B, every layer -> heatmaps
+    python analysis.py selection      # t-SNE maps of MixLoRA's factor selections, kNN task purity
+    python analysis.py sweep          # ablations over 3 seeds: ranks, factors, CFS, routers, specialists
+
+Each writes PNGs (drawn with pillow), Markdown and JSON under runs/analysis/. They reuse
+train_toy.py's cached stage-1 base and its training loop, so every number here comes from the
+same recipe as the README's main table. `--quick` runs each on the smoke-test model.
+"""
+
+import argparse
+import copy
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+import toy_tasks
+import train_toy
+from mixlora import MixLoRALinear, adapter_state_dict, load_adapter_state_dict
+from tiny_mllm import TinyMLLM, Tokenizer, answer_mask
+
+TASKS = list(toy_tasks.TASKS)
+TOK = Tokenizer(toy_tasks.vocabulary())
+
+
+def toy_args(flags: list[str], common: argparse.Namespace) -> argparse.Namespace:
+    """train_toy.py's settings for one run, with this script's --quick/--device/--checkpoints
+    (and, for the sweep, --steps/--eval-size)."""
+    flags = ["--device", common.device, "--checkpoints", common.checkpoints] + common.toy_flags + flags
+    return train_toy.parse_args(flags + (["--quick"] if common.quick else []))
+
+
+def trained(flags: list[str], common: argparse.Namespace, seed: int = 0,
+            until: int | None = None) -> tuple[TinyMLLM, argparse.Namespace]:
+    """Stage 2 on the shared stage-1 base (seed 0); `seed` sets the adapter init and data order.
+    Checkpoints go to checkpoints/analysis/ (not train_toy.py's: its seed s uses base s); a
+    finished run is read back instead of retrained, a killed one resumed."""
+    args = toy_args(flags + ["--seed", "0"], common)
+    base, _ = train_toy.base_model(args, TOK, rank=0)
+    args.seed = seed
+    method = args.methods[0]
+    model = train_toy.adapt(base, args, method)
+    name = train_toy.run_name(args, method) + (f"-until{until}" if until else "")
+    ckpt = Path(args.checkpoints) / "analysis" / f"{name}.ckpt"
+    saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    same = saved is not None and saved["recipe"] == train_toy.recipe(args)
+    if same and saved["step"] == (until or args.steps):
+        train_toy.load_trainable_state(model, "instruct", saved["trainable"])
+    else:
+        args.resume = same  # continue a killed sweep where it stopped
+        train_toy.train(model, "instruct", name, args, TOK, args.steps, args.lr, ckpt, until=until)
+    return model.eval(), args
+
+
+def task_batches(size: int, tag: str, heldout: bool = False) -> dict[str, list[toy_tasks.Example]]:
+    tasks = {**toy_tasks.TASKS, **toy_tasks.HELDOUT_TASKS} if heldout else toy_tasks.TASKS
+    return {name: [toy_tasks.sample(task, random.Random(f"{tag}-{name}-{i}"), heldout=heldout) for i in range(size)]
+            for name, task in tasks.items()}
+
+
+# ---- 1. task interference ----------------------------------------------------------------------
+
+def interference(loss_fn: Callable[[object], torch.Tensor], grad_data: object, eval_data: object,
+                 groups: dict[str, list[torch.nn.Parameter]], lr: float) -> dict[str, np.ndarray]:
+    """The task interference score (METHOD.md), per parameter group:
+
+        I[i, j] = E_{x in task i} [ 1 - L_i(θ - η ∇_θ L_j) / L_i(θ) ]
+
+    > 0: a step on task j lowers task i's loss (helps); < 0: it raises it (hurts). loss_fn(data)
+    returns per-example losses (M tasks, n examples); the gradient of task j comes from
+    grad_data, the losses it changes are measured on eval_data. θ is one group (e.g. a layer's
+    LoRA A matrices); the rest of the model stays put.
+    """
+    params = [p for group in groups.values() for p in group]
+    losses = loss_fn(grad_data).mean(1)  # (M,)
+    grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
+    grads = [{p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, gs)} for gs in grads]
+    scores = {}
+    with torch.no_grad():
+        before = loss_fn(eval_data)  # (M, n)
+        for name, group in groups.items():
+            theta = [p.detach().clone() for p in group]
+            score = np.zeros((len(grads), len(grads)))
+            for j, grad in enumerate(grads):
+                for p in group:
+                    p.sub_(lr * grad[p])
+                score[:, j] = (1 - loss_fn(eval_data) / before).mean(1).double().numpy()
+                for p, t in zip(group, theta):
+                    p.copy_(t)
+            scores[name] = score
+    return scores
+
+
+def example_losses(model: TinyMLLM, batches: dict[str, list[toy_tasks.Example]]) -> torch.Tensor:
+    """Per-example answer loss, (M tasks, n): one forward over every task's examples (each
+    instance's loss depends on that instance alone, padding and all)."""
+    examples = [e for batch in batches.values() for e in batch]
+    images, tokens, prompt_lens = train_toy.collate(examples, TOK, next(model.parameters()).device)
+    logits, _ = model(images, tokens, prompt_lens)
+    is_answer = answer_mask(tokens, prompt_lens)
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
+    return ((ce * is_answer).sum(1) / is_answer.sum(1)).view(len(batches), -1).cpu()
+
+
+def adapter_groups(model: TinyMLLM) -> dict[str, list[torch.nn.Parameter]]:
+    """{"layer 0 A": [lora_A of every adapted linear of block 0], "layer 0 B": [...], ...}"""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for ell, block in enumerate(model.layers):
+        adapters = [m for m in block.modules() if hasattr(m, "lora_A")]
+        groups[f"layer {ell} A"] = [m.lora_A for m in adapters]
+        groups[f"layer {ell} B"] = [m.lora_B for m in adapters]
+    return groups
+
+
+def run_interference(common: argparse.Namespace) -> dict:
+    """I for LoRA r=4 and MixLoRA E=16 r=4 at 1/4 of their (same) training schedule."""
+    size = 16 if common.quick else 64
+    grad_data, eval_data = task_batches(size, "grad"), task_batches(size, "eval")
+    results = {}
+    for label, flags in [("LoRA r=4", ["--methods", "lora"]), ("MixLoRA E=16 r=4", ["--methods", "mixlora"])]:
+        args = toy_args(flags, common)
+        model, _ = trained(flags, common, until=max(1, args.steps // 4))
+        scores = interference(lambda d: example_losses(model, d), grad_data, eval_data,
+                              adapter_groups(model), common.interference_lr)
+        results[label] = {k: v.tolist() for k, v in scores.items()}
+        heatmaps(scores, f"{label}: interference I[i, j] of task j (column) on task i (row), x100",
+                 Path(common.out) / f"interference-{flags[1]}.png")
+    return results
+
+
+def interference_summary(results: dict) -> str:
+    """Per layer: how many off-diagonal entries are negative, their mean, and the most negative."""
+    lines = ["| Method | Layer | Params | Negative entries | Mean of negatives (x100) | Most negative (x100) | Mean off-diagonal (x100) |",
+             "|---|---|---|---|---|---|---|"]
+    for label, scores in results.items():
+        for name, score in scores.items():
+            layer, part = name.removeprefix("layer ").split()
+            s = np.array(score)
+            off = s[~np.eye(len(s), dtype=bool)]
+            neg = off[off < 0]
+            lines.append(f"| {label} | {layer} | {part} | {len(neg)}/{len(off)} | "
+                         f"{100 * neg.mean() if len(neg) else 0:.2f} | {100 * off.min():.2f} | {100 * off.mean():.2f} |")
+    return "\n".join(lines)
+
+
+# ---- 2. factor-selection maps --------------------------------------------------------------------
+
+def selections(model: TinyMLLM, examples: list[toy_tasks.Example], blocks: list[int]) -> dict[int, np.ndarray]:
+    """Each instance's selection at a block: the multi-hot (E,) of S^A and of S^B of each of the
+    block's adapted linears, concatenated: {block: (n, 12·E) bool}. Routed on the prompt only."""
+    device = next(model.parameters()).device
+    chosen: dict[int, list[np.ndarray]] = {b: [] for b in blocks}
+    with torch.no_grad():
+        for i in range(0, len(examples), 256):
+            model(*train_toy.collate(examples[i:i + 256], TOK, device, with_answer=False))
+            for b in blocks:
+                hots = []
+                for m in model.layers[b].modules():
+                    if isinstance(m, MixLoRALinear):
+                        for index in (m.last_routing.index_a, m.last_routing.index_b):
+                            hots.append(torch.zeros(len(index), m.num_factors, dtype=torch.bool,
+                                                    device=index.device).scatter_(1, index, True))
+                chosen[b].append(torch.cat(hots, 1).cpu().numpy())
+    return {b: np.concatenate(chosen[b]) for b in blocks}
+
+
+def jaccard_distances(hot: np.ndarray) -> np.ndarray:
+    """(n, k) multi-hot -> (n, n) Jaccard distance 1 - |a ∩ b| / |a ∪ b|."""
+    h = hot.astype(np.float64)
+    both = h @ h.T
+    either = h.sum(1)[:, None] + h.sum(1)[None, :] - both
+    return 1 - both / np.maximum(either, 1)
+
+
+def nearest(distances: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """(n, m) distances -> (n, k) indices of the k nearest columns. Equal distances (common
+    between multi-hot sets) are ordered at random, so ties cannot favour any label."""
+    tiebreak = np.random.default_rng(seed).random(distances.shape)
+    return np.lexsort((tiebreak, distances), axis=1)[:, :k]
+
+
+def knn_purity(distances: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """The mean fraction of each point's k nearest neighbours (not itself) with its own label."""
+    neighbours = nearest(distances + np.diag(np.full(len(distances), np.inf)), k)  # (n, k)
+    return float((labels[neighbours] == labels[:, None]).mean())
+
+
+def tsne(distances: np.ndarray, perplexity: float = 30.0, iters: int = 1000, seed: int = 0) -> np.ndarray:
+    """Exact t-SNE (van der Maaten & Hinton, 2008) of a precomputed (n, n) distance matrix -> (n, 2).
+
+    p_{j|i} ∝ exp(-β_i d_ij), β_i set by bisection so that each row has the given perplexity
+    (distances used as given, not squared, as scikit-learn does for non-Euclidean metrics);
+    P = (p_{j|i} + p_{i|j}) / 2n; q_ij ∝ (1 + |y_i - y_j|²)^-1; gradient descent on KL(P || Q)
+    with early exaggeration, momentum and per-coordinate gains.
+    """
+    n = len(distances)
+    P = np.zeros((n, n))
+    for i in range(n):
+        d = np.delete(distances[i], i)
+        lo, hi, beta = 0.0, np.inf, 1.0
+        for _ in range(64):
+            p = np.exp(-(d - d.min()) * beta)
+            p /= p.sum()
+            entropy = -np.sum(p * np.log(np.maximum(p, 1e-12)))
+            if abs(entropy - np.log(perplexity)) < 1e-5:
+                break
+            if entropy > np.log(perplexity):
+                lo, beta = beta, beta * 2 if hi == np.inf else (beta + hi) / 2
+            else:
+                hi, beta = beta, (beta + lo) / 2
+        P[i, np.arange(n) != i] = p
+    P = np.maximum((P + P.T) / (2 * n), 1e-12)
+    y = np.random.default_rng(seed).normal(0, 1e-4, (n, 2))
+    velocity, gains, lr = np.zeros_like(y), np.ones_like(y), max(n / 48, 50)
+    for it in range(iters):
+        exaggeration, momentum = (12.0, 0.5) if it < 250 else (1.0, 0.8)
+        diff = y[:, None] - y[None, :]  # (n, n, 2)
+        w = 1 / (1 + (diff ** 2).sum(-1))
+        np.fill_diagonal(w, 0)
+        Q = np.maximum(w / w.sum(), 1e-12)
+        grad = 4 * (((exaggeration * P - Q) * w)[:, :, None] * diff).sum(1)  # (n, 2)
+        gains = np.where(np.sign(grad) != np.sign(velocity), gains + 0.2, gains * 0.8).clip(0.01)
+        velocity = momentum * velocity - lr * gains * grad
+        y = y + velocity
+    return y - y.mean(0)
+
+
+def run_selection(common: argparse.Namespace) -> dict:
+    """Selections of the trained MixLoRA E=16 r=4 (train_toy.py's default run) on new images:
+    seen tasks with seen and with held-out templates, and the held-out task."""
+    model, args = trained(["--methods", "mixlora"], common)
+    n = 8 if common.quick else 60
+    groups = [(name, "seen", batch) for name, batch in task_batches(n, "map").items()]
+    groups += [(name, "held-out template" if name in toy_tasks.TASKS else "held-out task", batch)
+               for name, batch in task_batches(n // 2, "map-heldout", heldout=True).items()]
+    examples = [e for *_, batch in groups for e in batch]
+    labels = np.array([name for name, _, batch in groups for _ in batch])
+    kinds = np.array([kind for _, kind, batch in groups for _ in batch])
+    blocks = sorted({0, len(model.layers) // 2, len(model.layers) - 1})
+    chosen = selections(model, examples, blocks)
+
+    # Baselines: the same instances through untrained MixLoRA (random routers at init, on the
+    # same base), and input-independent random routing (each instance draws random factors).
+    untrained = train_toy.adapt(train_toy.base_model(toy_args(["--seed", "0"], common), TOK, rank=0)[0], args, "mixlora")
+    at_init = selections(untrained.eval(), examples, blocks)
+    rng = np.random.default_rng(0)
+    E, r = args.factors, args.rank
+    seen = kinds == "seen"
+    report = {"blocks": blocks, "k": 10, "purity": {}, "heldout_task_neighbours": {}}
+    panels = []
+    for b in blocks:
+        random_hot = np.zeros_like(chosen[b])
+        for col in range(0, chosen[b].shape[1], E):
+            for row in random_hot:
+                row[col + rng.choice(E, r, replace=False)] = True
+        purity = {name: knn_purity(jaccard_distances(hot[seen]), labels[seen]) for name, hot in
+                  [("trained routers", chosen[b]), ("untrained routers (init)", at_init[b]), ("random routing", random_hot)]}
+        report["purity"][f"layer {b}"] = purity
+        # Which seen tasks' instances does the held-out task's routing sit among?
+        D = jaccard_distances(chosen[b])
+        held = np.flatnonzero(kinds == "held-out task")
+        near = np.flatnonzero(seen)[nearest(D[np.ix_(held, np.flatnonzero(seen))], 10)]
+        names, counts = np.unique(labels[near], return_counts=True)
+        report["heldout_task_neighbours"][f"layer {b}"] = {str(k): round(float(v) / near.size, 3) for k, v in
+                                                         sorted(zip(names, counts), key=lambda x: -x[1])}
+        panels.append((f"layer {b}: kNN task purity {purity['trained routers']:.2f} "
+                       f"(random {purity['random routing']:.2f})", tsne(D, perplexity=10 if common.quick else 30)))
+    scatter(panels, labels, kinds, Path(common.out) / "factor-selection-map.png")
+    return report
+
+
+# ---- 3. ablations ------------------------------------------------------------------------------
+
+SWEEP = [(f"LoRA r={r}", ["--methods", "lora", "--rank", str(r)]) for r in (2, 4, 8, 16)]
+SWEEP += [(f"MixLoRA E={E} r={r}", ["--methods", "mixlora", "--factors", str(E), "--rank", str(r)])
+          for E in (16, 32) for r in (2, 4, 8)]
+SWEEP += [("MixLoRA E=16 r=4, IFS only", ["--methods", "mixlora", "--no-cfs"]),
+          ("MixLoRA E=16 r=4, frozen routers", ["--methods", "mixlora", "--frozen-routers"])]
+
+
+def run_sweep(common: argparse.Namespace) -> dict:
+    """Every SWEEP row and a per-task LoRA r=4 specialist (trained on its task alone for 1/8 of
+    the steps: the same examples of its task as the mixture gives), for each seed."""
+    out = Path(common.out) / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, list[dict]]] = {}
+    steps = toy_args([], common).steps
+    jobs = [(label, flags, None) for label, flags in SWEEP]
+    jobs += [("LoRA specialist r=4", ["--methods", "lora", "--tasks", t, "--steps", str(max(1, steps // len(TASKS)))], t)
+             for t in TASKS]
+    for seed in common.seeds:
+        for label, flags, only in jobs:
+            args = toy_args(flags + ["--seed", str(seed)], common)
+            cache = out / f"{train_toy.run_name(args, args.methods[0])}-eval{args.eval_size}.json"
+            if cache.exists():
+                accuracy = json.loads(cache.read_text())
+            else:
+                model, args = trained(flags, common, seed)
+                sets = {key: v for key, v in train_toy.evaluation_sets(args.eval_size).items() if only in (None, key[0])}
+                accuracy = train_toy.evaluate(model, TOK, sets)
+                cache.write_text(json.dumps(accuracy))
+            results.setdefault(label, {}).setdefault(str(seed), []).append(accuracy)
+    # A specialist row's accuracy on each task is that task's own specialist's.
+    table = {label: [merge(runs) for runs in by_seed.values()] for label, by_seed in results.items()}
+    return table
+
+
+def merge(runs: list[dict]) -> dict:
+    merged: dict[str, dict[str, float]] = {}
+    for accuracy in runs:
+        for split, tasks in accuracy.items():
+            merged.setdefault(split, {}).update(tasks)
+    return merged
+
+
+def sweep_tables(table: dict) -> str:
+    def cell(values: list[float]) -> str:
+        return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+    lines = ["| Model | Seeds | Seen avg | Held-out templates avg | Held-out task (digit_colour) |", "|---|---|---|---|---|"]
+    for label, runs in table.items():
+        seen = [np.mean([r["seen"][t] for t in TASKS]) for r in runs]
+        held = [np.mean([r["heldout"][t] for t in TASKS]) for r in runs]
+        task = [r["heldout"].get("digit_colour") for r in runs]
+        lines.append(f"| {label} | {len(runs)} | {cell(seen)} | {cell(held)} | "
+                     f"{cell(task) if None not in task else '-'} |")
+    lines += ["", "Seen templates, per task (as the paper's Table 2):", "",
+              "| Model | " + " | ".join(TASKS) + " | Avg |", "|---" * (len(TASKS) + 2) + "|"]
+    for label in ["LoRA specialist r=4", "LoRA r=4", "MixLoRA E=16 r=4"]:
+        runs = table.get(label, [])
+        if runs:
+            per_task = [cell([r["seen"][t] for r in runs]) for t in TASKS]
+            avg = cell([np.mean([r["seen"][t] for t in TASKS]) for r in runs])
+            lines.append(f"| {label} | " + " | ".join(per_task) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+# ---- pictures ----------------------------------------------------------------------------------
+
+FONT = ImageFont.load_default(size=12)
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (23, 190, 207), (188, 189, 34)]
+
+
+def heatmaps(scores: dict[str, np.ndarray], title: str, path: Path, cell: int = 38) -> None:
+    """One panel per group (columns: layers, rows: A then B); red positive, blue negative, one
+    colour scale for the whole figure, I x 100 written in each cell."""
+    names = list(scores)
+    layers = sorted({n.rsplit(" ", 1)[0] for n in names}, key=lambda s: int(s.split()[1]))
+    M, label_w = len(TASKS), 72
+    panel = label_w + M * cell + 16
+    img = Image.new("RGB", (panel * len(layers), 44 + 2 * (label_w + M * cell + 24)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((6, 6), title, fill="black", font=FONT)
+    vmax = max(np.abs(s).max() for s in scores.values()) or 1.0
+    for c, layer in enumerate(layers):
+        for r, part in enumerate("AB"):
+            s = scores[f"{layer} {part}"]
+            x0, y0 = c * panel + label_w, 44 + r * (label_w + M * cell + 24) + label_w
+            draw.text((x0, y0 - label_w - 16), f"{layer}, LoRA {part}", fill="black", font=FONT)
+            for i in range(M):
+                draw.text((x0 - label_w + 2, y0 + i * cell + cell // 3), TASKS[i], fill="black", font=FONT)
+                name = Image.new("RGB", (label_w - 8, 14), "white")
+                ImageDraw.Draw(name).text((0, 0), TASKS[i], fill="black", font=FONT)
+                img.paste(name.rotate(90, expand=True), (x0 + i * cell + cell // 3, y0 - label_w + 6))
+                for j in range(M):
+                    t = min(1.0, abs(s[i, j]) / vmax)
+                    fade = int(255 * (1 - t))
+                    colour = (255, fade, fade) if s[i, j] > 0 else (fade, fade, 255)
+                    box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1)
+                    draw.rectangle(box, fill=colour)
+                    draw.text((box[0] + 3, box[1] + cell // 3), f"{100 * s[i, j]:.1f}",
+                              fill="white" if t > 0.6 else "black", font=FONT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def scatter(panels: list[tuple[str, np.ndarray]], labels: np.ndarray, kinds: np.ndarray, path: Path,
+            size: int = 360) -> None:
+    """One 2-D map per layer, coloured by task: dots = seen templates, rings = held-out
+    templates, crosses = the held-out task."""
+    names = list(dict.fromkeys(labels))
+    img = Image.new("RGB", (size * len(panels), size + 60), "white")
+    draw = ImageDraw.Draw(img)
+    for p, (title, y) in enumerate(panels):
+        draw.text((p * size + 6, 4), title, fill="black", font=FONT)
+        lo, hi = y.min(0), y.max(0)
+        xy = (y - lo) / np.maximum(hi - lo, 1e-9) * (size - 40) + [p * size + 20, 24]
+        for (px, py), label, kind in zip(xy, labels, kinds):
+            colour = PALETTE[names.index(label) % len(PALETTE)]
+            if kind == "seen":
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+            elif kind == "held-out template":
+                draw.ellipse((px - 3, py - 3, px + 3, py + 3), outline=colour)
+            else:
+                draw.line((px - 3, py - 3, px + 3, py + 3), fill=colour, width=2)
+                draw.line((px - 3, py + 3, px + 3, py - 3), fill=colour, width=2)
+    for k, name in enumerate(names):
+        x, y = 10 + (k % 5) * 150, size + 10 + (k // 5) * 22
+        draw.rectangle((x, y + 2, x + 10, y + 12), fill=PALETTE[k % len(PALETTE)])
+        draw.text((x + 14, y), name, fill="black", font=FONT)
+    draw.text((size * len(panels) - 330, size + 40), "dot: seen template  ring: held-out template  x: held-out task",
+              fill="black", font=FONT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["interference", "selection", "sweep"])
+    p.add_argument("--seeds", default="0,1,2", help="sweep: comma-separated stage-2 seeds")
+    p.add_argument("--interference-lr", type=float, default=0.05, help="η of the one SGD step in I")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="the smoke-test model and a few steps")
+    p.add_argument("--out", default="runs/analysis")
+    p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--steps", type=int, help="sweep: stage-2 steps (default: train_toy.py's)")
+    p.add_argument("--eval-size", type=int, help="sweep: examples per task and split (default: train_toy.py's)")
+    common = p.parse_args(argv)
+    common.toy_flags = [f for flag, value in [("--steps", common.steps), ("--eval-size", common.eval_size)]
+                        if value is not None for f in (flag, str(value))]
+    common.seeds = [int(s) for s in common.seeds.split(",")]
+    out = Path(common.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if common.command == "interference":
+        results = run_interference(common)
+        text = interference_summary(results)
+    elif common.command == "selection":
+        results = run_selection(common)
+        text = "kNN task purity (k = 10), seen tasks:\n\n" + "\n".join(
+            f"- {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in purity.items())
+            for layer, purity in results["purity"].items())
+        text += "\n\nThe held-out task's 10 nearest seen-task selections, by task:\n\n" + "\n".join(
+            f"- {layer}: {shares}" for layer, shares in results["heldout_task_neighbours"].items())
+    else:
+        results = run_sweep(common)
+        text = sweep_tables(results)
+    stem = common.command + ("-quick" if common.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
