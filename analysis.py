@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["interference", "selection", "sweep"])
     p.add_argument("--seeds", default="0,1,2", help="sweep: comma-separated stage-2 seeds")
-    p.add_argument("--interference-lr", type=float, default=0.05, help="η of the one SGD step in I")
+    p.add_argument("--interference-lr", type=float, default=0.01, help="η of the one SGD step in I")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="the smoke-test model and a few steps")
     p.add_argument("--out", default="runs/analysis")
