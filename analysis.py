@@ -10,7 +10,6 @@ same recipe as the README's main table. `--quick` runs each on the smoke-test mo
 """
 
 import argparse
-import copy
 import json
 import random
 from collections.abc import Callable
@@ -18,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import toy_tasks
 import train_toy
-from mixlora import MixLoRALinear, adapter_state_dict, load_adapter_state_dict
-from tiny_mllm import TinyMLLM, Tokenizer, answer_mask
+from mixlora import MixLoRALinear
+from tiny_mllm import TinyMLLM, Tokenizer, answer_losses
 
 TASKS = list(toy_tasks.TASKS)
 TOK = Tokenizer(toy_tasks.vocabulary())
@@ -104,8 +102,7 @@ def example_losses(model: TinyMLLM, batches: dict[str, list[toy_tasks.Example]])
     examples = [e for batch in batches.values() for e in batch]
     images, tokens, prompt_lens = train_toy.collate(examples, TOK, next(model.parameters()).device)
     logits, _ = model(images, tokens, prompt_lens)
-    is_answer = answer_mask(tokens, prompt_lens)
-    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
+    ce, is_answer = answer_losses(logits, tokens, prompt_lens)  # (N, L - 1) each
     return ((ce * is_answer).sum(1) / is_answer.sum(1)).view(len(batches), -1).cpu()
 
 

@@ -130,6 +130,12 @@ def answer_mask(tokens: Tensor, prompt_lens: Tensor) -> Tensor:
     return (text_pos >= prompt_lens[:, None]) & (tokens[:, 1:] != Tokenizer.PAD)
 
 
+def answer_losses(logits: Tensor, tokens: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy at every text position (N, L - 1), and answer_mask."""
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
+    return ce, answer_mask(tokens, prompt_lens)
+
+
 class TinyMLLM(nn.Module):
     def __init__(self, c: TinyMLLMConfig):
         super().__init__()
@@ -163,8 +169,7 @@ class TinyMLLM(nn.Module):
             for layer in self.layers:
                 x = layer(x)
         logits = self.norm(x[:, P:]) @ self.embed.weight.T  # (N, L, vocab)
-        is_answer = answer_mask(tokens, prompt_lens)  # (N, L - 1)
-        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
+        ce, is_answer = answer_losses(logits, tokens, prompt_lens)  # (N, L - 1) each
         return logits, (ce * is_answer).sum() / is_answer.sum().clamp(min=1)  # no host sync
 
     def forward(self, images: Tensor, tokens: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
