@@ -35,6 +35,9 @@ def test_tasks_are_deterministic_and_cover_all_skills():
     assert all((x.image == y.image).all() and (x.prompt, x.answer) == (y.prompt, y.answer) for x, y in zip(a, b))
     assert any((x.image != y.image).any() for x, y in zip(a, examples(32, seed=4)))
     assert len(toy_tasks.TASKS) >= 8
+    assert {e.task for e in examples(64)} == set(toy_tasks.TASKS)
+    specialist = train_toy.training_examples("instruct", 0, 0, 16, tasks=["count"])  # --tasks count
+    assert {e.task for e in specialist} == {"count"}
 
 
 def test_every_text_is_in_the_vocabulary_and_heldout_phrasings_are_unseen():
@@ -208,6 +211,7 @@ def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
     (["--methods", "dora"], "unknown method 'dora'"),
     (["--rank", "8", "--factors", "4"], "rank <= factors"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--tasks", "colour,juggling"], "unknown task 'juggling'"),
 ])
 def test_bad_flags_exit_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
