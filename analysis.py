@@ -78,8 +78,7 @@ def interference(loss_fn: Callable[[object], torch.Tensor], grad_data: object, e
     """
     params = [p for group in groups.values() for p in group]
     losses = loss_fn(grad_data).mean(1)  # (M,)
-    grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
-    grads = [{p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, gs)} for gs in grads]
+    grads = [dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True))) for loss in losses]
     scores = {}
     with torch.no_grad():
         before = loss_fn(eval_data)  # (M, n)
@@ -230,7 +229,7 @@ def tsne(distances: np.ndarray, perplexity: float = 30.0, iters: int = 1000, see
 
 
 def run_selection(common: argparse.Namespace) -> dict:
-    """Selections of the trained MixLoRA E=16 r=4 (train_toy.py's default run) on new images:
+    """Selections of MixLoRA E=16 r=4 trained with train_toy.py's default recipe, on new images:
     seen tasks with seen and with held-out templates, and the held-out task."""
     model, args = trained(["--methods", "mixlora"], common)
     n = 8 if common.quick else 60
