@@ -152,7 +152,8 @@ class MixLoRALinear(_LowRankAdapter):
             else:
                 self.register_buffer(name, w)
         self.mask: Tensor | None = None  # the prompt mask, while inside routing_mask(model, mask)
-        self.last_routing: Routing | None = None  # what the last forward chose, detached
+        self.last_routing: Routing | None = None  # what the last forward used, detached
+        self.routed_on_prompt = False  # whether the last routing came from routing_mask's mask
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
         """Choose S^A by IFS and S^B by IFS + CFS for every instance of x ((N, T, d_in) or (N, d_in)).
@@ -195,8 +196,7 @@ class MixLoRALinear(_LowRankAdapter):
         x: (N, T, d_in), or (N, d_in) for one position per instance. mask defaults to the one
         set by routing_mask(). No per-instance ΔW, no loop over instances, no host sync.
         """
-        routing = self.route(x, self.mask if mask is None else mask)
-        self.last_routing = Routing(*(t.detach() for t in routing))
+        routing = self._routing(x, mask)
         x3 = x if x.dim() == 3 else x[:, None]  # (N, T, d_in)
         A = _gather(self.lora_A, routing.index_a)  # (N, r, d_in): rows a_{S^A_j}
         B = _gather(self.lora_B.T, routing.index_b)  # (N, r, d_out): columns b_{S^B_j}
@@ -204,6 +204,33 @@ class MixLoRALinear(_LowRankAdapter):
         w = routing.gate_a * routing.gate_b  # (N, r), exactly 1 in value
         delta = torch.bmm(h * w[:, None, :].to(h.dtype), B)  # (N, T, d_out)
         return self.base(x) + self.scaling * delta.view(*x.shape[:-1], -1)
+
+    def _routing(self, x: Tensor, mask: Tensor | None) -> Routing:
+        """route(x, mask); inside routing_mask(model, mask), the rule that makes generation route as training:
+          x as long as the mask (the prompt, + answer when teacher-forced): route on it, hold the routing;
+          x of any other length (new tokens: a decode step, cached or not): reuse the held routing.
+        """
+        T = x.shape[1] if x.dim() == 3 else 1
+        if mask is None and self.mask is not None and T != self.mask.shape[1]:
+            held = self.last_routing
+            if not self.routed_on_prompt:
+                raise ValueError(f"x has {T} position(s) but the routing mask has {self.mask.shape[1]}: new "
+                                 f"tokens after a prompt, which reuse its routing, but no prompt has been "
+                                 f"routed inside this routing_mask(...) yet; run the prompt (prefill) first")
+            if held.index_a.shape[0] != x.shape[0]:
+                raise ValueError(f"x has {x.shape[0]} instance(s) but the prompt was routed with "
+                                 f"{held.index_a.shape[0]}; keep the batch of the prompt")
+            return held  # its gates are detached, and exactly 1 as every gate is in value
+        if mask is None and self.mask is None and self.routed_on_prompt and torch._C._current_graph_task_id() != -1:
+            # Inside backward: gradient checkpointing is recomputing a forward that ran inside
+            # routing_mask. Without that mask it would route differently, and the gradient be wrong.
+            raise ValueError("gradient checkpointing recomputed a MixLoRA layer outside the routing_mask"
+                             "(model, mask) that its forward ran in: call loss.backward() inside the "
+                             "`with routing_mask(...)` block")
+        self.routed_on_prompt = mask is None and self.mask is not None
+        routing = self.route(x, self.mask if mask is None else mask)
+        self.last_routing = Routing(*(t.detach() for t in routing))
+        return routing
 
     def delta_weight(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The explicit ΔW_n = (α/r) Σ_j w_j b_{S^B_j} ⊗ a_{S^A_j} (eq. 1) of every instance: (N, d_out, d_in).
@@ -230,8 +257,11 @@ def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor
         return x, None
     N, T = x.shape[:2]
     if mask.dtype != torch.bool or tuple(mask.shape) != (N, T):
+        hint = "" if mask.dim() != 2 or mask.shape[0] == N else (
+            " (if generate() expanded the batch k-fold for beam search or num_return_sequences, "
+            "pass mask.repeat_interleave(k, dim=0))")
         raise ValueError(f"mask must be a bool tensor of shape (N, T) = ({N}, {T}), True at prompt "
-                         f"positions; got {mask.dtype} of shape {tuple(mask.shape)}")
+                         f"positions; got {mask.dtype} of shape {tuple(mask.shape)}{hint}")
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
     # Checked where it is free: on the CPU, outside torch.compile (on a GPU it would sync).
@@ -273,9 +303,13 @@ def _replace_linears(model: nn.Module, targets: Sequence[str] | str,
             raise ValueError(f"target {name!r} already has an adapter")
         if not isinstance(module, nn.Linear):
             raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear")
-        if isinstance(parent, nn.MultiheadAttention):  # its forward reads out_proj.weight directly
-            raise ValueError(f"target {name!r} belongs to an nn.MultiheadAttention, whose forward "
-                             f"bypasses the layer's forward, so an adapter there would do nothing")
+        # Parents that read their linears' weights directly, never calling their forward: an
+        # adapter there would silently do nothing (MultiheadAttention always; TransformerEncoderLayer
+        # in its fused fast path, eval mode under no_grad).
+        if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            raise ValueError(f"target {name!r} belongs to an nn.{type(parent).__name__}, whose forward (for "
+                             f"TransformerEncoderLayer: its fused inference fast path) reads the weight "
+                             f"directly and bypasses the layer's forward, so an adapter there would do nothing")
     adapters = {name: make(model.get_submodule(name)) for name in chosen}  # all built, then swapped
     for name, adapter in adapters.items():
         parent_name, _, child = name.rpartition(".")
@@ -303,12 +337,17 @@ def routing_mask(model: nn.Module, mask: Tensor) -> Iterator[None]:
 
     This is how a model hands its prompt mask to layers whose forward takes only x, so that
     routing never sees the answer: teacher-forced training and generation then route alike.
+    A forward as long as the mask routes on it; a shorter or longer one (a decode step, with or
+    without a KV cache) reuses that routing (MixLoRALinear._routing). For generation pass the
+    prompt's mask (False at padding); where generate() expands the batch k-fold (beam search,
+    num_return_sequences), pass mask.repeat_interleave(k, dim=0). Call backward inside too, so
+    that gradient checkpointing's recomputation routes as the forward did.
     """
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be a bool tensor of shape (N, T), got {mask.dtype} {tuple(mask.shape)}")
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
     for layer in layers:
-        layer.mask = mask
+        layer.mask, layer.routed_on_prompt = mask, False  # nothing held from an earlier prompt
     try:
         yield
     finally:

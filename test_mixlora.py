@@ -335,6 +335,25 @@ def test_add_adapter_errors_name_the_target():
     assert not any(isinstance(m, MixLoRALinear) for m in model.modules())  # nothing half-done
 
 
+def test_linears_that_their_parent_bypasses_are_refused():
+    """nn.TransformerEncoderLayer's fused fast path (eval, no_grad) reads linear1/linear2.weight
+    directly: an adapter put there by hand changes training but not inference. add_* refuse it."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        base_eval, base_train = encoder.eval()(x), encoder.train()(x)
+        encoder.linear1 = LoRALinear(encoder.linear1, rank=2)  # by hand, past add_lora's check
+        nn.init.normal_(encoder.linear1.lora_B)
+        assert not torch.allclose(encoder.train()(x), base_train)  # training mode applies it ...
+        torch.testing.assert_close(encoder.eval()(x), base_eval)  # ... the fast path ignores it
+    for target in ("linear1", "linear2"):
+        with pytest.raises(ValueError, match="TransformerEncoderLayer.*fast path"):
+            add_lora(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), [target], rank=2)
+        with pytest.raises(ValueError, match="TransformerEncoderLayer.*fast path"):
+            add_mixlora(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), [target], num_factors=4, rank=2)
+
+
 def test_mark_only_adapters_trainable():
     model = add_mixlora(tiny_model(), ["q_proj", "v_proj"], num_factors=6, rank=2)
     mark_only_adapters_trainable(model)
