@@ -4,7 +4,8 @@ Measures, side by side in one run, forward + backward of one adapted linear laye
 base included, the input requiring grad as it does mid-network) for: the base alone, LoRA,
 MixLoRA (batched gathers + bmm, with and without CFS), and the per-instance-ΔW formulation of
 the authors' released code (build ΔW_n = B_n A_n per instance, then matmul). Then a whole
-training step of the tiny model with LoRA vs MixLoRA. Prints median times, memory, ratios.
+training step of the tiny model with LoRA vs MixLoRA, and its greedy generation with the KV
+cache vs re-reading the whole sequence at every step. Prints median times, memory, ratios.
 
     python bench_mixlora.py                              # CPU, fp32
     python bench_mixlora.py --device cuda --dtype bf16   # GPU: CUDA events, bf16 autocast
@@ -144,7 +145,27 @@ def tiny_model_rows(device: torch.device, dtype: str, repeats: int, quick: bool)
     return [(f"tiny model, batch {args.batch_size}", name, *results[name]) for name in steps]
 
 
-def main(argv: list[str] | None = None) -> list[tuple]:
+def generation_rows(device: torch.device, dtype: str, repeats: int, quick: bool) -> list[tuple]:
+    """Greedy generation of the toy model with MixLoRA: KV cache vs re-reading the sequence each step."""
+    tok = Tokenizer(toy_tasks.vocabulary())
+    args = train_toy.parse_args(["--quick"] if quick else [])
+    torch.manual_seed(0)
+    model = train_toy.adapt(TinyMLLM(train_toy.model_config(len(tok), quick)).to(device), args, "mixlora").eval()
+    batch = 16 if quick else 256  # train_toy.evaluate's batch
+    examples = train_toy.training_examples("instruct", 0, 0, batch)
+    images, prompts, prompt_lens = train_toy.collate(examples, tok, device, with_answer=False)
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    rows = []
+    for new in (4, model.config.max_text_len - prompts.shape[1]):  # the toy's answers; as long as fits
+        def run(use_cache: bool, new: int = new):
+            with cast:
+                model.generate(images, prompts, prompt_lens, max_new_tokens=new, use_cache=use_cache)
+        results = measure({"uncached": lambda: run(False), "KV cache": lambda: run(True)}, device, repeats, [])
+        rows += [(new, batch, name, ms) for name, (ms, _) in results.items()]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> tuple[list[tuple], list[tuple]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -158,6 +179,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     repeats = 2 if args.quick else args.repeats
     rows = [row for N, T, d in shapes for row in layer_rows(N, T, d, args.factors, args.rank, device, args.dtype, repeats)]
     rows += tiny_model_rows(device, args.dtype, repeats, args.quick)
+    generation = generation_rows(device, args.dtype, repeats, args.quick)
 
     memory = "peak MiB" if device.type == "cuda" else "saved MiB"
     print(f"\nforward+backward, {device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -176,7 +198,16 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         if (shape, "per-instance") in by:
             line += f"; per-instance ΔW/MixLoRA {by[shape, 'per-instance'][0] / mix[0]:.2f} time"
         print(line)
-    return rows
+
+    print("\ngreedy generation, tiny model with MixLoRA (eval, no_grad), same batch and prompts\n")
+    print("| new tokens | batch | uncached ms | KV cache ms | uncached answers/s | KV cache answers/s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    ms = {(new, name): t for new, _, name, t in generation}
+    for new, batch in dict.fromkeys((new, batch) for new, batch, *_ in generation):
+        slow, fast = ms[new, "uncached"], ms[new, "KV cache"]
+        print(f"| {new} | {batch} | {slow:.1f} | {fast:.1f} | {batch / slow * 1e3:.0f} | {batch / fast * 1e3:.0f} "
+              f"| {slow / fast:.2f} |")
+    return rows, generation
 
 
 if __name__ == "__main__":

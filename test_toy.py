@@ -126,27 +126,43 @@ def test_quick_run_end_to_end(quick_run):
     assert not (tmp / "ckpt" / "base-quick-s0-steps12-bs16.ckpt").exists()  # stage 1 done: only the .pt stays
 
 
-def test_generation_routes_like_teacher_forcing(quick_run):
+def test_cached_generation_equals_uncached_and_teacher_forcing_and_holds_the_prompts_routing(quick_run):
     _, result = quick_run
     args = train_toy.parse_args(["--quick"])
     model = train_toy.adapt(small_model(), args, "mixlora")
     load_adapter_state_dict(model, result["rows"][2]["adapters"])
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+    seen = {m: [] for m in layers}  # per layer: (positions, S^A, S^B) of every forward
+    for m in layers:
+        m.register_forward_hook(lambda m, args, out: seen[m].append(
+            (args[0].shape[1], m.last_routing.index_a, m.last_routing.index_b)))
     images, prompts, prompt_lens = train_toy.collate(examples(10), TOK, torch.device("cpu"), with_answer=False)
-    answers = model.generate(images, prompts, prompt_lens, max_new_tokens=3)
-    generated = [m.last_routing for m in layers]
-    # Teacher-force the generated answers: the same routing, and the same greedy tokens.
+    assert len(set(prompt_lens.tolist())) > 1  # rows of different lengths: right padding in the prompt
+    new = 6
+    answers = model.generate(images, prompts, prompt_lens, max_new_tokens=new)
+    P = model.config.num_patches
+    for m in layers:  # one prefill over image + prompt, then one token per step, all routed alike
+        (T, a, b), *steps = seen[m]
+        assert T == P + prompts.shape[1] and [t for t, _, _ in steps] == [1] * (new - 1)
+        assert all(torch.equal(sa, a) and torch.equal(sb, b) for _, sa, sb in steps)
+    assert torch.equal(model.generate(images, prompts, prompt_lens, max_new_tokens=new, use_cache=False), answers)
+    # Teacher-force the generated answers: the same routing, and the same greedy tokens up to EOS.
     tokens = torch.cat([prompts, torch.zeros_like(answers)], dim=1)
     for n in range(10):
-        tokens[n, prompt_lens[n]:prompt_lens[n] + 3] = answers[n]
+        tokens[n, prompt_lens[n]:prompt_lens[n] + new] = answers[n]
     logits, _ = model(images, tokens, prompt_lens)
-    for m, routing in zip(layers, generated):
-        assert torch.equal(m.last_routing.index_a, routing.index_a)
-        assert torch.equal(m.last_routing.index_b, routing.index_b)
+    for m in layers:
+        assert torch.equal(m.last_routing.index_a, seen[m][0][1]) and torch.equal(m.last_routing.index_b, seen[m][0][2])
+    checked = 0
     for n in range(10):
         p = int(prompt_lens[n])
-        assert logits[n, p - 1].argmax() == answers[n, 0]
+        for i in range(new):
+            assert logits[n, p - 1 + i].argmax() == answers[n, i]
+            checked += 1
+            if answers[n, i] == Tokenizer.EOS:
+                break
+    assert checked > 10  # more than one token per answer was compared
 
 
 class Interrupted(Exception):
@@ -225,8 +241,11 @@ def test_bad_flags_exit_with_one_line(argv, message, capsys):
 
 def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys):
     import bench_mixlora
-    rows = bench_mixlora.main(["--quick"])
+    rows, generation = bench_mixlora.main(["--quick"])
     out = capsys.readouterr().out
+    assert [(new, name) for new, _, name, _ in generation][:2] == [(4, "uncached"), (4, "KV cache")]
+    assert len(generation) == 4 and generation[2][0] > 4 and all(ms > 0 for *_, ms in generation)
+    assert "| new tokens | batch | uncached ms | KV cache ms |" in out
     names = [name for _, name, _, _ in rows]
     assert names[:5] == ["base", "LoRA r=8", "MixLoRA E=32 r=8", "MixLoRA E=32 r=8 IFS only", "per-instance ΔW"]
     assert names[5:] == ["LoRA r=4", "MixLoRA E=16 r=4"]

@@ -94,12 +94,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.d_model, c.d_model, bias=False)
         self.o_proj = nn.Linear(c.d_model, c.d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: "KVCache | None" = None) -> Tensor:
+        """Causal self-attention over x; with a filled cache, x is one new token after the cached ones."""
         N, S, D = x.shape
         q, k, v = (proj(x).view(N, S, self.n_heads, -1).transpose(1, 2)  # (N, heads, S, D / heads)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None or cache.k is None:  # training, or the prefill: x is the whole sequence
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a decode step: the new token reads the prompt (not its padding) and every token since
+            k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)  # (N, heads, S_cache + 1, D / heads)
+            readable = F.pad(cache.prompt, (0, k.shape[2] - cache.prompt.shape[1]), value=True)  # (N, S_cache + 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=readable[:, None, None, :])
+        if cache is not None:
+            cache.k, cache.v = k, v
         return self.o_proj(y.transpose(1, 2).reshape(N, S, D))
+
+
+class KVCache:
+    """One attention layer's keys and values at every position so far, (N, heads, S, D / heads),
+    for generation; prompt (N, P + L) is True where the prompt has a token, False at its padding."""
+
+    def __init__(self, prompt: Tensor):
+        self.prompt = prompt
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
 
 
 class MLP(nn.Module):
@@ -118,8 +136,8 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(c.d_model), Attention(c)
         self.norm2, self.mlp = nn.LayerNorm(c.d_model), MLP(c)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -158,14 +176,9 @@ class TinyMLLM(nn.Module):
         tokens (N, L): instruction, then answer and EOS, then PAD. prompt_lens (N,): how many
         tokens of each row are instruction. Routing sees the image and the instruction only.
         """
-        N, P = image_tokens.shape[:2]
-        L = tokens.shape[1]
-        if L > self.config.max_text_len:
-            raise ValueError(f"text of {L} tokens is longer than max_text_len={self.config.max_text_len}")
-        x = torch.cat([image_tokens, self.embed(tokens)], dim=1) + self.pos[:, :P + L]  # (N, P + L, D)
-        text_pos = torch.arange(L, device=tokens.device)
-        prompt = torch.cat([tokens.new_ones(N, P, dtype=torch.bool), text_pos < prompt_lens[:, None]], dim=1)
-        with routing_mask(self, prompt):
+        P = image_tokens.shape[1]
+        x = self.sequence(image_tokens, tokens)  # (N, P + L, D)
+        with routing_mask(self, self.prompt_mask(P, tokens.shape[1], prompt_lens)):
             for layer in self.layers:
                 x = layer(x)
         logits = self.norm(x[:, P:]) @ self.embed.weight.T  # (N, L, vocab)
@@ -175,23 +188,52 @@ class TinyMLLM(nn.Module):
     def forward(self, images: Tensor, tokens: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
         return self.decode(self.encode_images(images), tokens, prompt_lens)
 
+    def sequence(self, image_tokens: Tensor, tokens: Tensor) -> Tensor:
+        """The LM's input: image tokens, then the embedded text, plus positions: (N, P + L, D)."""
+        P, L = image_tokens.shape[1], tokens.shape[1]
+        if L > self.config.max_text_len:
+            raise ValueError(f"text of {L} tokens is longer than max_text_len={self.config.max_text_len}")
+        return torch.cat([image_tokens, self.embed(tokens)], dim=1) + self.pos[:, :P + L]
+
+    @staticmethod
+    def prompt_mask(P: int, L: int, prompt_lens: Tensor) -> Tensor:
+        """(N, P + L) bool: True at the image tokens and each row's instruction tokens."""
+        text = torch.arange(L, device=prompt_lens.device) < prompt_lens[:, None]  # (N, L)
+        return torch.cat([text.new_ones(len(prompt_lens), P), text], dim=1)
+
     @torch.no_grad()
-    def generate(self, images: Tensor, prompts: Tensor, prompt_lens: Tensor, max_new_tokens: int = 4) -> Tensor:
+    def generate(self, images: Tensor, prompts: Tensor, prompt_lens: Tensor, max_new_tokens: int = 4,
+                 use_cache: bool = True) -> Tensor:
         """Greedy answers (N, max_new_tokens), EOS then PAD after each answer's end.
 
-        Without a KV cache every step re-reads the whole sequence under the same prompt mask,
-        so every adapted layer routes exactly as in teacher-forced training. (With a KV cache,
-        route once on the prefill and keep that routing for the new tokens: re-routing on each
-        new token alone, as the authors' released code does, routes unlike training.)
+        With the KV cache: one prefill over image + prompt, then one new token per row and step.
+        Inside routing_mask(self, prompt) the prefill routes every MixLoRA layer on the prompt and
+        every later step, being of another length, reuses that routing (mixlora's rule), so each
+        token comes out as under teacher forcing. use_cache=False re-reads the whole sequence at
+        every step (quadratic in the answer's length): the reference the tests compare with.
         """
+        if prompts.shape[1] + max_new_tokens > self.config.max_text_len:
+            raise ValueError(f"{prompts.shape[1]} prompt + {max_new_tokens} new tokens is longer than "
+                             f"max_text_len={self.config.max_text_len}")
         image_tokens = self.encode_images(images)
-        N, rows = prompts.shape[0], torch.arange(prompts.shape[0], device=prompts.device)
-        tokens = F.pad(prompts, (0, max_new_tokens), value=Tokenizer.PAD)
+        (N, P), L = image_tokens.shape[:2], prompts.shape[1]
+        rows = torch.arange(N, device=prompts.device)
+        tokens = F.pad(prompts, (0, max_new_tokens), value=Tokenizer.PAD)  # answers are written in place
+        prompt = self.prompt_mask(P, L, prompt_lens)  # (N, P + L)
+        caches = [KVCache(prompt) for _ in self.layers] if use_cache else [None] * len(self.layers)
         done = torch.zeros(N, dtype=torch.bool, device=prompts.device)
-        for step in range(max_new_tokens):
-            logits, _ = self.decode(image_tokens, tokens[:, :prompts.shape[1] + step + 1], prompt_lens)
-            at = prompt_lens - 1 + step  # each row's last token
-            next_token = logits[rows, at].argmax(-1).masked_fill(done, Tokenizer.PAD)
-            tokens[rows, at + 1] = next_token
-            done |= next_token == Tokenizer.EOS
-        return torch.stack([tokens[rows, prompt_lens + i] for i in range(max_new_tokens)], dim=1)
+        with routing_mask(self, prompt):
+            for step in range(max_new_tokens):
+                at = prompt_lens - 1 + step  # (N,) each row's last token so far
+                one_token = use_cache and step > 0
+                if one_token:  # just each row's newest token, at its own position
+                    x = self.embed(tokens[rows, at])[:, None] + self.pos[0, P + at][:, None]  # (N, 1, D)
+                else:  # the whole sequence so far; with a cache, the prefill
+                    x = self.sequence(image_tokens, tokens[:, :L + step])  # (N, P + L + step, D)
+                for layer, cache in zip(self.layers, caches):
+                    x = layer(x, cache)
+                last = x[:, 0] if one_token else x[rows, P + at]  # (N, D)
+                next_token = (self.norm(last) @ self.embed.weight.T).argmax(-1).masked_fill(done, Tokenizer.PAD)
+                tokens[rows, at + 1] = next_token
+                done |= next_token == Tokenizer.EOS
+        return tokens[rows[:, None], prompt_lens[:, None] + torch.arange(max_new_tokens, device=prompts.device)]
