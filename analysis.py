@@ -1,8 +1,9 @@
 """The paper's analyses, measured on the toy suite: task interference, factor-selection maps, ablations.
 
-    python analysis.py interference   # I_ij for LoRA and MixLoRA, A and B, every layer -> heatmaps
+    python analysis.py interference   # I_ij and gradient cosines, LoRA and MixLoRA, A and B, every layer
     python analysis.py selection      # t-SNE maps of MixLoRA's factor selections, kNN task purity
     python analysis.py sweep          # ablations over 3 seeds: ranks, factors, CFS, routers, specialists
+    python analysis.py tune           # per-method learning rates picked on a validation split, then 3 seeds
 
 Each writes PNGs (drawn with pillow), Markdown and JSON under runs/analysis/. They reuse
 train_toy.py's cached stage-1 base and its training loop, so every number here comes from the
@@ -76,9 +77,7 @@ def interference(loss_fn: Callable[[object], torch.Tensor], grad_data: object, e
     grad_data, the losses it changes are measured on eval_data. θ is one group (e.g. a layer's
     LoRA A matrices); the rest of the model stays put.
     """
-    params = [p for group in groups.values() for p in group]
-    losses = loss_fn(grad_data).mean(1)  # (M,)
-    grads = [dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True))) for loss in losses]
+    grads = task_gradients(loss_fn, grad_data, groups)
     scores = {}
     with torch.no_grad():
         before = loss_fn(eval_data)  # (M, n)
@@ -93,6 +92,38 @@ def interference(loss_fn: Callable[[object], torch.Tensor], grad_data: object, e
                     p.copy_(t)
             scores[name] = score
     return scores
+
+
+def task_gradients(loss_fn: Callable[[object], torch.Tensor], data: object,
+                   groups: dict[str, list[torch.nn.Parameter]]) -> list[dict[torch.nn.Parameter, torch.Tensor]]:
+    """∇_θ L_j for every task j (the mean of its per-example losses on data), for every parameter of the groups."""
+    params = [p for group in groups.values() for p in group]
+    losses = loss_fn(data).mean(1)  # (M,)
+    return [dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True))) for loss in losses]
+
+
+def gradient_cosines(loss_fn: Callable[[object], torch.Tensor], data: object, other_data: object,
+                     groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, np.ndarray]:
+    """Gradient conflict without a step size (PCGrad's measure), per parameter group:
+
+        C[i, j] = cos(∇_θ L_i, ∇_θ L_j) over the group's flattened parameters, in [-1, 1]
+
+    < 0: the tasks pull θ apart. Task i's gradient comes from data and task j's from other_data,
+    symmetrised: off the diagonal this is the plain cosine (the tasks' examples differ anyway),
+    and the diagonal, instead of a trivial 1, is the agreement of two independent batches of
+    one task: the ceiling that gradient noise leaves for the off-diagonal entries.
+    """
+    first, second = task_gradients(loss_fn, data, groups), task_gradients(loss_fn, other_data, groups)
+
+    def unit(grads: list[dict], group: list[torch.nn.Parameter]) -> torch.Tensor:  # (M, |θ|)
+        flat = torch.stack([torch.cat([g[p].flatten() for p in group]) for g in grads]).double()
+        return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    cosines = {}
+    for name, group in groups.items():
+        c = unit(first, group) @ unit(second, group).T
+        cosines[name] = ((c + c.T) / 2).numpy()
+    return cosines
 
 
 def example_losses(model: TinyMLLM, batches: dict[str, list[toy_tasks.Example]]) -> torch.Tensor:
@@ -116,33 +147,40 @@ def adapter_groups(model: TinyMLLM) -> dict[str, list[torch.nn.Parameter]]:
 
 
 def run_interference(common: argparse.Namespace) -> dict:
-    """I for LoRA r=4 and MixLoRA E=16 r=4 at 1/4 of their (same) training schedule."""
+    """I (the one-step score) and the gradient cosine for LoRA r=4 and MixLoRA E=16 r=4, at 1/4
+    of their (same) training schedule: {"I" | "cosine": {method: {group: (M, M)}}}."""
     size = 16 if common.quick else 64
     grad_data, eval_data = task_batches(size, "grad"), task_batches(size, "eval")
-    results = {}
+    results: dict[str, dict] = {"I": {}, "cosine": {}}
     for label, flags in [("LoRA r=4", ["--methods", "lora"]), ("MixLoRA E=16 r=4", ["--methods", "mixlora"])]:
         args = toy_args(flags, common)
         model, _ = trained(flags, common, until=max(1, args.steps // 4))
-        scores = interference(lambda d: example_losses(model, d), grad_data, eval_data,
-                              adapter_groups(model), common.interference_lr)
-        results[label] = {k: v.tolist() for k, v in scores.items()}
+        loss_fn = lambda d: example_losses(model, d)
+        scores = interference(loss_fn, grad_data, eval_data, adapter_groups(model), common.interference_lr)
+        cosines = gradient_cosines(loss_fn, grad_data, eval_data, adapter_groups(model))
+        results["I"][label] = {k: v.tolist() for k, v in scores.items()}
+        results["cosine"][label] = {k: v.tolist() for k, v in cosines.items()}
         heatmaps(scores, f"{label}: interference I[i, j] of task j (column) on task i (row), x100",
                  Path(common.out) / f"interference-{flags[1]}.png")
+        heatmaps(cosines, f"{label}: gradient cosine of task i (row) and task j (column); diagonal: two batches of one task",
+                 Path(common.out) / f"gradient-cosine-{flags[1]}.png", scale=1, digits=2)
     return results
 
 
-def interference_summary(results: dict) -> str:
-    """Per layer: how many off-diagonal entries are negative, their mean, and the most negative."""
-    lines = ["| Method | Layer | Params | Negative entries | Mean of negatives (x100) | Most negative (x100) | Mean off-diagonal (x100) |",
-             "|---|---|---|---|---|---|---|"]
+def conflict_summary(results: dict, scale: float) -> str:
+    """Per layer: how many off-diagonal entries are negative, their mean, the most negative, the
+    mean off-diagonal and the mean diagonal entry (I: a task's step on itself; cosine: two
+    batches of one task), all times `scale`."""
+    lines = ["| Method | Layer | Params | Negative entries | Mean of negatives | Minimum off-diagonal | Mean off-diagonal | Mean diagonal |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, scores in results.items():
         for name, score in scores.items():
             layer, part = name.removeprefix("layer ").split()
-            s = np.array(score)
+            s = scale * np.array(score)
             off = s[~np.eye(len(s), dtype=bool)]
             neg = off[off < 0]
-            lines.append(f"| {label} | {layer} | {part} | {len(neg)}/{len(off)} | "
-                         f"{100 * neg.mean() if len(neg) else 0:.2f} | {100 * off.min():.2f} | {100 * off.mean():.2f} |")
+            lines.append(f"| {label} | {layer} | {part} | {len(neg)}/{len(off)} | {neg.mean() if len(neg) else 0:.2f} | "
+                         f"{off.min():.2f} | {off.mean():.2f} | {np.diag(s).mean():.2f} |")
     return "\n".join(lines)
 
 
@@ -281,11 +319,29 @@ SWEEP += [("MixLoRA E=16 r=4, IFS only", ["--methods", "mixlora", "--no-cfs"]),
           ("MixLoRA E=16 r=4, frozen routers", ["--methods", "mixlora", "--frozen-routers"])]
 
 
+def accuracy(flags: list[str], common: argparse.Namespace, seed: int, split: str = "eval",
+             only: str | None = None) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy of one run ({split: {task: %}}) on the evaluation sets (split "eval";
+    `only` keeps one task's) or on the validation split ("val"), trained if need be and cached
+    as JSON under runs/analysis/sweep/ by run name."""
+    args = toy_args(flags + ["--seed", str(seed)], common)
+    cache = Path(common.out) / "sweep" / f"{train_toy.run_name(args, args.methods[0])}-{split}{args.eval_size}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model, args = trained(flags, common, seed)
+    if split == "val":
+        sets = train_toy.validation_sets(args.eval_size)
+    else:
+        sets = {key: v for key, v in train_toy.evaluation_sets(args.eval_size).items() if only in (None, key[0])}
+    result = train_toy.evaluate(model, TOK, sets)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
 def run_sweep(common: argparse.Namespace) -> dict:
     """Every SWEEP row and a per-task LoRA r=4 specialist (trained on its task alone for 1/8 of
     the steps: the same examples of its task as the mixture gives), for each seed."""
-    out = Path(common.out) / "sweep"
-    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[dict]]] = {}
     steps = toy_args([], common).steps
     jobs = [(label, flags, None) for label, flags in SWEEP]
@@ -293,19 +349,9 @@ def run_sweep(common: argparse.Namespace) -> dict:
              for t in TASKS]
     for seed in common.seeds:
         for label, flags, only in jobs:
-            args = toy_args(flags + ["--seed", str(seed)], common)
-            cache = out / f"{train_toy.run_name(args, args.methods[0])}-eval{args.eval_size}.json"
-            if cache.exists():
-                accuracy = json.loads(cache.read_text())
-            else:
-                model, args = trained(flags, common, seed)
-                sets = {key: v for key, v in train_toy.evaluation_sets(args.eval_size).items() if only in (None, key[0])}
-                accuracy = train_toy.evaluate(model, TOK, sets)
-                cache.write_text(json.dumps(accuracy))
-            results.setdefault(label, {}).setdefault(str(seed), []).append(accuracy)
+            results.setdefault(label, {}).setdefault(str(seed), []).append(accuracy(flags, common, seed, only=only))
     # A specialist row's accuracy on each task is that task's own specialist's.
-    table = {label: [merge(runs) for runs in by_seed.values()] for label, by_seed in results.items()}
-    return table
+    return {label: [merge(runs) for runs in by_seed.values()] for label, by_seed in results.items()}
 
 
 def merge(runs: list[dict]) -> dict:
@@ -314,6 +360,50 @@ def merge(runs: list[dict]) -> dict:
         for split, tasks in accuracy.items():
             merged.setdefault(split, {}).update(tasks)
     return merged
+
+
+# ---- 4. per-method learning rates ---------------------------------------------------------------
+
+LEARNING_RATES = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
+TUNED = [("LoRA r=4", ["--methods", "lora"]),
+         ("MixLoRA E=16 r=4", ["--methods", "mixlora"]),
+         ("MixLoRA E=16 r=4, α=2E", ["--methods", "mixlora", "--alpha", "32"])]  # the released scale
+
+
+def pick_lr(validation: dict[float, float]) -> float:
+    """The learning rate with the best validation accuracy; a tie goes to the smaller rate. It is
+    given the validation scores and nothing else, so the evaluation sets cannot steer it."""
+    return max(sorted(validation), key=lambda lr: validation[lr])  # max keeps the first of equals
+
+
+def run_tune(common: argparse.Namespace) -> dict:
+    """Each TUNED row at every LEARNING_RATES on the tuning seeds, scored by the mean over tasks
+    of the validation split (also averaged over those seeds); pick_lr chooses. Then the picked
+    rate and train_toy.py's rate on the evaluation sets, for every seed: the tuned rows first,
+    so that an interrupted run has the comparison that matters."""
+    validation: dict[str, dict[float, float]] = {}
+    picked: dict[str, float] = {}
+    for label, flags in TUNED:
+        validation[label] = {lr: float(np.mean([np.mean(list(accuracy(flags + ["--lr", f"{lr:g}"], common, seed, "val")
+                                                             ["validation"].values())) for seed in common.tune_seeds]))
+                             for lr in LEARNING_RATES}
+        picked[label] = pick_lr(validation[label])
+    rows = [(label, flags, picked[label]) for label, flags in TUNED]
+    rows += [(label, flags, train_toy.DEFAULT_LR) for label, flags in TUNED if picked[label] != train_toy.DEFAULT_LR]
+    table = {}
+    for label, flags, lr in rows:
+        name = f"{label}, lr {lr:g}" + (" (tuned)" if lr == picked[label] else "")
+        table[name] = [accuracy(flags + ["--lr", f"{lr:g}"], common, seed) for seed in common.seeds]
+    return {"validation": validation, "picked": picked, "table": table}
+
+
+def tune_tables(results: dict) -> str:
+    lines = ["Validation split (mean over the 8 tasks, seen templates, new images; seeds "
+             f"{', '.join(map(str, results['tune_seeds']))}), by peak learning rate:", "",
+             "| Model | " + " | ".join(f"{lr:g}" for lr in LEARNING_RATES) + " | picked |", "|---" * (len(LEARNING_RATES) + 2) + "|"]
+    for label, scores in results["validation"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{scores[lr]:.1f}" for lr in LEARNING_RATES) + f" | {results['picked'][label]:g} |")
+    return "\n".join(lines + ["", "Evaluation sets:", "", sweep_tables(results["table"])])
 
 
 def sweep_tables(table: dict) -> str:
@@ -344,9 +434,10 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (23, 190, 207), (188, 189, 34)]
 
 
-def heatmaps(scores: dict[str, np.ndarray], title: str, path: Path, cell: int = 38) -> None:
+def heatmaps(scores: dict[str, np.ndarray], title: str, path: Path, cell: int = 38, scale: float = 100,
+             digits: int = 1) -> None:
     """One panel per group (columns: layers, rows: A then B); red positive, blue negative, one
-    colour scale for the whole figure, I x 100 written in each cell."""
+    colour scale for the whole figure, the score x scale written in each cell."""
     names = list(scores)
     layers = sorted({n.rsplit(" ", 1)[0] for n in names}, key=lambda s: int(s.split()[1]))
     M, label_w = len(TASKS), 72
@@ -371,7 +462,7 @@ def heatmaps(scores: dict[str, np.ndarray], title: str, path: Path, cell: int = 
                     colour = (255, fade, fade) if s[i, j] > 0 else (fade, fade, 255)
                     box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1)
                     draw.rectangle(box, fill=colour)
-                    draw.text((box[0] + 3, box[1] + cell // 3), f"{100 * s[i, j]:.1f}",
+                    draw.text((box[0] + 3, box[1] + cell // 3), f"{scale * s[i, j]:.{digits}f}",
                               fill="white" if t > 0.6 else "black", font=FONT)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -411,8 +502,9 @@ def scatter(panels: list[tuple[str, np.ndarray]], labels: np.ndarray, kinds: np.
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["interference", "selection", "sweep"])
-    p.add_argument("--seeds", default="0,1,2", help="sweep: comma-separated stage-2 seeds")
+    p.add_argument("command", choices=["interference", "selection", "sweep", "tune"])
+    p.add_argument("--seeds", default="0,1,2", help="sweep, tune: comma-separated stage-2 seeds to report")
+    p.add_argument("--tune-seeds", default="0", help="tune: the seeds whose validation scores pick the lr")
     p.add_argument("--interference-lr", type=float, default=0.01, help="η of the one SGD step in I")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="the smoke-test model and a few steps")
@@ -424,11 +516,13 @@ def main(argv: list[str] | None = None) -> dict:
     common.toy_flags = [f for flag, value in [("--steps", common.steps), ("--eval-size", common.eval_size)]
                         if value is not None for f in (flag, str(value))]
     common.seeds = [int(s) for s in common.seeds.split(",")]
+    common.tune_seeds = [int(s) for s in common.tune_seeds.split(",")]
     out = Path(common.out)
     out.mkdir(parents=True, exist_ok=True)
     if common.command == "interference":
         results = run_interference(common)
-        text = interference_summary(results)
+        text = (f"Interference I (x100, η = {common.interference_lr}):\n\n" + conflict_summary(results["I"], 100)
+                + "\n\nGradient cosine:\n\n" + conflict_summary(results["cosine"], 1))
     elif common.command == "selection":
         results = run_selection(common)
         text = "kNN task purity (k = 10), seen tasks:\n\n" + "\n".join(
@@ -436,9 +530,12 @@ def main(argv: list[str] | None = None) -> dict:
             for layer, purity in results["purity"].items())
         text += "\n\nThe held-out task's 10 nearest seen-task selections, by task:\n\n" + "\n".join(
             f"- {layer}: {shares}" for layer, shares in results["heldout_task_neighbours"].items())
-    else:
+    elif common.command == "sweep":
         results = run_sweep(common)
         text = sweep_tables(results)
+    else:
+        results = {**run_tune(common), "tune_seeds": common.tune_seeds, "seeds": common.seeds}
+        text = tune_tables(results)
     stem = common.command + ("-quick" if common.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(text + "\n")

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,6 +280,76 @@ def test_interference_is_negative_for_conflicting_tasks_and_positive_for_identic
                                       {"theta": [theta]}, lr=0.05)["theta"]
     assert (identical > 0).all() and abs(identical[0, 1] - identical[0, 0]) < 1e-12
     assert (theta == 0).all()  # the parameters are put back
+
+
+def test_gradient_cosine_is_one_for_identical_tasks_minus_one_for_opposite_and_zero_for_orthogonal():
+    import analysis
+    torch.manual_seed(0)
+    X = torch.linalg.qr(torch.randn(64, 4, dtype=torch.float64)).Q * 8  # XᵀX/n = I: ∇L_t ∝ -(target direction)
+    e = torch.eye(4, dtype=torch.float64)
+    theta_a = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # two groups: each its own cosine
+    theta_b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def losses(targets):  # (M tasks, n examples)
+        return (X @ torch.cat([theta_a, theta_b]) - targets) ** 2
+
+    # Tasks 0 and 1 want the same w, task 2 wants -w; task 3 wants a direction orthogonal to w
+    # in group a and the same as w in group b.
+    w, u = e[0] + e[2], e[1] + e[2]
+    targets = torch.stack([X @ w, X @ w, -X @ w, X @ u])
+    cos = analysis.gradient_cosines(losses, targets, targets.clone(), {"a": [theta_a], "b": [theta_b]})
+    np.testing.assert_allclose(cos["a"], [[1, 1, -1, 0], [1, 1, -1, 0], [-1, -1, 1, 0], [0, 0, 0, 1]], atol=1e-12)
+    np.testing.assert_allclose(cos["b"], [[1, 1, -1, 1], [1, 1, -1, 1], [-1, -1, 1, -1], [1, 1, -1, 1]], atol=1e-12)
+    summary = analysis.conflict_summary({"toy": {"layer 0 A": cos["a"].round(9)}}, scale=1)  # exact zeros
+    assert "| toy | 0 | A | 4/12 | -1.00 | -1.00 | -0.17 | 1.00 |" in summary
+
+
+def test_alpha_and_lr_flags_set_the_scale_and_name_their_runs():
+    args = train_toy.parse_args(["--quick", "--methods", "mixlora"])
+    assert args.alpha == 8 and train_toy.run_name(args, "mixlora") == "mixlora-E16-r4-s0-steps12-quick"  # as before
+    args = train_toy.parse_args(["--quick", "--methods", "mixlora", "--alpha", "32", "--lr", "1e-3"])
+    assert train_toy.run_name(args, "mixlora") == "mixlora-E16-r4-lr0.001-alpha32-s0-steps12-quick"
+    model = train_toy.adapt(small_model(), args, "mixlora")
+    assert {m.scaling for m in model.modules() if isinstance(m, MixLoRALinear)} == {8.0}  # α/r = 2E/r
+
+
+def test_pick_lr_takes_the_best_validation_score_and_the_smaller_rate_on_a_tie():
+    import analysis
+    assert analysis.pick_lr({5e-4: 60.0, 1e-3: 70.0, 2e-3: 70.0, 4e-3: 65.0}) == 1e-3
+    assert analysis.pick_lr({8e-3: 61.0, 2e-3: 60.0}) == 8e-3
+
+
+def test_tune_picks_on_the_validation_split_only(tmp_path, monkeypatch):
+    import analysis
+    # Fake training and evaluation: the validation split favours lr 1e-3, the evaluation sets
+    # favour 8e-3. A pick that looked at the evaluation sets would choose 8e-3.
+    monkeypatch.setattr(analysis, "trained", lambda flags, common, seed=0, until=None: (
+        analysis.toy_args(flags + ["--seed", str(seed)], common).lr, analysis.toy_args(flags, common)))
+    evaluated = []
+
+    def evaluate(lr, tok, sets):
+        splits = {split for _, split in sets}
+        evaluated.append((lr, splits))
+        best = 1e-3 if splits == {"validation"} else 8e-3
+        return {split: {task: 90.0 if lr == best else 50.0 for task, s in sets if s == split} for split in splits}
+
+    monkeypatch.setattr(train_toy, "evaluate", evaluate)
+    results = analysis.main(["tune", "--quick", "--seeds", "0,1", "--out", str(tmp_path), "--checkpoints", str(tmp_path)])
+    assert results["picked"] == {label: 1e-3 for label, _ in analysis.TUNED}
+    assert sorted(results["table"]) == sorted(f"{label}, lr {lr}" for label, _ in analysis.TUNED
+                                              for lr in ("0.001 (tuned)", "0.002"))
+    # Validation runs only on the tuning seed; the evaluation sets only for the picked and the default lr.
+    assert {lr for lr, splits in evaluated if splits == {"validation"}} == set(analysis.LEARNING_RATES)
+    assert {lr for lr, splits in evaluated if splits != {"validation"}} == {1e-3, 2e-3}
+    assert len(evaluated) == 3 * 5 + 3 * 2 * 2
+    # The validation split is new images of the trained tasks on seen templates, none of them an evaluation image.
+    validation = train_toy.validation_sets(50)
+    assert {task for task, _ in validation} == set(toy_tasks.TASKS)
+    evaluation = {e.image.tobytes() for batch in train_toy.evaluation_sets(50).values() for e in batch}
+    for (task, _), batch in validation.items():
+        seen = [re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)) for t in toy_tasks.TASKS[task].templates]
+        assert all(any(re.fullmatch(t, e.prompt) for t in seen) for e in batch)
+        assert not evaluation & {e.image.tobytes() for e in batch}
 
 
 def random_selections(groups: list[list[int]], per_group: int, r: int, seed: int = 0):

@@ -41,6 +41,7 @@ from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer, answer_mask
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # every LM linear
 METHODS = ("lora", "mixlora")
+DEFAULT_LR = 2e-3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=800, help="stage-2 steps")
     p.add_argument("--base-steps", type=int, default=1500, help="stage-1 steps")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="stage-2 peak learning rate")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="stage-2 peak learning rate")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="the adapters' α, scale α/r (default 2r for both methods; the released MixLoRA uses 2E)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--eval-size", type=int, default=100, help="examples per task and template split")
@@ -67,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.base_steps, args.batch_size, args.eval_size = 12, 12, 16, 8
     args.methods = args.methods.split(",")
+    args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
     args.tasks = args.tasks.split(",") if args.tasks else list(toy_tasks.TASKS)
     for task in args.tasks:
         if task not in toy_tasks.TASKS:
@@ -148,6 +152,14 @@ def evaluation_sets(size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]
         rng = random.Random(f"eval-{task.name}")
         sets[task.name, "heldout"] = [toy_tasks.sample(task, rng, heldout=True) for _ in range(size)]
     return sets
+
+
+def validation_sets(size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]:
+    """For choosing hyperparameters, never for reporting: the training distribution (the trained
+    tasks, seen templates) on new images whose seeds ("val-...") are disjoint from the evaluation
+    sets' ("eval-...") and the training batches' ("instruct-...")."""
+    return {(task.name, "validation"): [toy_tasks.sample(task, random.Random(f"val-{task.name}-{i}")) for i in range(size)]
+            for task in toy_tasks.TASKS.values()}
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -315,16 +327,19 @@ def run_name(args: argparse.Namespace, method: str) -> str:
         name += "-frozen" if args.frozen_routers else ""
     name += "-proj" if args.train_projector else ""
     name += "-only-" + "+".join(args.tasks) if args.tasks != list(toy_tasks.TASKS) else ""
+    name += f"-lr{args.lr:g}" if args.lr != DEFAULT_LR else ""
+    name += f"-alpha{args.alpha:g}" if args.alpha != 2 * args.rank else ""
     return name + f"-s{args.seed}-steps{args.steps}" + ("-quick" if args.quick else "")
 
 
 def adapt(model: TinyMLLM, args: argparse.Namespace, method: str) -> TinyMLLM:
-    """Stage 2's model: the frozen base with adapters on every LM linear layer (α = 2r for both)."""
+    """Stage 2's model: the frozen base with adapters on every LM linear layer (α = 2r for both
+    unless --alpha says otherwise)."""
     torch.manual_seed(args.seed + 1)  # the same adapter init for every run of a seed
     if method == "lora":
-        add_lora(model, TARGETS, args.rank, alpha=2 * args.rank)
+        add_lora(model, TARGETS, args.rank, alpha=args.alpha)
     else:
-        add_mixlora(model, TARGETS, args.factors, args.rank, alpha=2 * args.rank,
+        add_mixlora(model, TARGETS, args.factors, args.rank, alpha=args.alpha,
                     conditional=not args.no_cfs, router_grad=not args.frozen_routers)
     mark_only_adapters_trainable(model)
     model.projector.requires_grad_(args.train_projector)
