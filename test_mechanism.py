@@ -89,3 +89,9 @@ def test_quick_run_writes_its_table(tmp_path):
     assert err["oracle routing"] < 0.1 < err["LoRA r=K·q"]
     assert float(rows["oracle routing"][2].split(" ± ")[0]) == 1.0  # routing consistency
     assert Image.open(tmp_path / "routing.png").size[0] > 600
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    cfg = Config(steps=20, eval_instances=64, log_every=20)
+    a, b, c = (mechanism.run("MixLoRA", cfg, seed)["error"] for seed in (0, 0, 1))
+    assert a == b != c
