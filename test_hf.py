@@ -249,13 +249,15 @@ def test_beam_search_takes_the_mask_expanded_like_the_batch():
         assert torch.equal(layer.last_routing.index_a[0::2], layer.last_routing.index_a[1::2])
 
 
-def test_a_decode_step_before_any_prompt_is_refused():
+def test_a_decode_step_before_its_prompt_is_refused():
     model, batch = with_mixlora(tiny_llava()), prompts()
-    layer = mixlora_layers(model)[0]
+    mask, layer = batch["attention_mask"].bool(), mixlora_layers(model)[0]
     x = torch.randn(3, 1, layer.in_features, dtype=torch.float64)
-    with routing_mask(model, batch["attention_mask"].bool()), pytest.raises(ValueError, match="run the prompt"):
-        layer(x)
-    with routing_mask(model, batch["attention_mask"].bool()):
+    with routing_mask(model, mask):
+        greedy(model, batch, use_cache=True, max_new_tokens=1)  # a prompt routed, in an earlier context
+    with routing_mask(model, mask), pytest.raises(ValueError, match="run the prompt"):
+        layer(x)  # a new context holds nothing from it
+    with routing_mask(model, mask):
         greedy(model, batch, use_cache=True, max_new_tokens=1)
         with pytest.raises(ValueError, match="keep the batch of the prompt"):
             layer(x[:2])

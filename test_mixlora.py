@@ -208,16 +208,56 @@ def test_routers_get_gradients_and_unchosen_pool_rows_get_zero(c: Case):
         assert layer.router_A.grad.abs().sum() > 0 and layer.router_B.grad.abs().sum() > 0
 
 
-def test_gates_are_straight_through_p_of_the_chosen_factors():
-    layer, x, mask = build(Case(N=5, T=4, d_in=7, d_out=3, E=10, r=3, seed=5, conditional=False))
+def papers_p(layer: MixLoRALinear, x: torch.Tensor, mask: torch.Tensor, index_a: torch.Tensor):
+    """p^A and p^B written out from METHOD.md, for a layer and its S^A."""
+    m = mask.to(x.dtype)
+    x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True)  # the masked mean of x, not of dropout(x)
+    p_a = torch.softmax(x_bar @ layer.router_A.T, dim=-1)  # IFS
+    p_b = torch.softmax(x_bar @ layer.router_B.T, dim=-1)
+    if layer.conditional:  # c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>, p^B += λ softmax(c)
+        W = layer.router_cfs.permute(1, 0, 2)  # (r, d_in, E): W[j, :, e] = W^CFS_{j,:,e}
+        c = torch.stack([sum(layer.lora_A[index_a[n, j]] @ W[j] for j in range(layer.rank))
+                         for n in range(x.shape[0])])  # (N, E)
+        p_b = p_b + layer.cfs_weight * torch.softmax(c, dim=-1)
+    return p_a, p_b
+
+
+@given(cases(), st.floats(0.25, 4.0))
+def test_routing_is_top_r_of_the_papers_p_and_gates_carry_its_gradient(c: Case, cfs_weight: float):
+    layer, x, mask = build(c, cfs_weight=cfs_weight)
+    if c.conditional:  # W^CFS large enough that softmax(c) and c would rank factors differently
+        with torch.no_grad():
+            layer.router_cfs.mul_(8.0)
+    x.requires_grad_(True)
+    layer.train()  # and with dropout on the adapter's input, routing still sees x itself
+    layer.dropout.p = 0.5
     routing = layer.route(x, mask)
-    v = torch.randn(5, 3, dtype=F64)
-    m = mask.to(F64)
-    x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True)
-    p_a = torch.softmax(x_bar @ layer.router_A.T, dim=-1)
-    (expected,) = torch.autograd.grad((p_a.gather(1, routing.index_a) * v).sum(), layer.router_A)
-    (got,) = torch.autograd.grad((routing.gate_a * v).sum(), layer.router_A)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    p_a, p_b = papers_p(layer, x, mask, routing.index_a)
+    assert torch.equal(routing.index_a, p_a.topk(c.r).indices.sort().values)
+    assert torch.equal(routing.index_b, p_b.topk(c.r).indices.sort().values)
+    g = torch.Generator().manual_seed(c.seed)
+    u, v = torch.randn(c.N, c.r, generator=g, dtype=F64), torch.randn(c.N, c.r, generator=g, dtype=F64)
+    wrt = [x] + [p for n, p in layer.named_parameters() if n.startswith(("router", "lora_A"))]
+    expected = torch.autograd.grad((p_a.gather(1, routing.index_a) * u).sum() + (p_b.gather(1, routing.index_b) * v).sum(),
+                                   wrt, allow_unused=True, materialize_grads=True)
+    got = torch.autograd.grad((routing.gate_a * u).sum() + (routing.gate_b * v).sum(), wrt,
+                              allow_unused=True, materialize_grads=True)
+    for e, g_ in zip(expected, got):
+        torch.testing.assert_close(g_, e, rtol=1e-10, atol=1e-12)
+    assert torch.equal(routing.gate_a, torch.ones_like(routing.gate_a))  # and exactly 1 in value
+    assert torch.equal(routing.gate_b, torch.ones_like(routing.gate_b))
+
+
+def test_dropout_is_on_the_adapters_input_only_and_routing_never_sees_it():
+    layer, x, mask = build(Case(N=32, T=6, d_in=16, d_out=8, E=12, r=3, seed=7, conditional=True), dropout=0.5)
+    layer.train()
+    y = layer(x, mask)
+    assert torch.equal(layer.last_routing.index_a, layer.route(x, mask).index_a)
+    assert torch.equal(layer.last_routing.index_b, layer.route(x, mask).index_b)
+    assert not torch.allclose(y, layer.eval()(x, mask))  # training mode drops inputs of ΔW x ...
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    torch.testing.assert_close(layer.train()(x, mask), layer.base(x), rtol=0, atol=0)  # ... never of W x
 
 
 @given(cases())
