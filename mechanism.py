@@ -39,7 +39,7 @@ from torch import Tensor
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mixlora import LoRALinear, MixLoRALinear, Routing
+from mixlora import LoRALinear, MixLoRALinear, Routing, _straight_through
 
 
 @dataclass
@@ -111,12 +111,6 @@ def rank_floor(delta: Tensor, rank: int) -> float:
 
 # ---- the adapters --------------------------------------------------------------------------------
 
-def straight_through(p: Tensor, index: Tensor) -> Tensor:
-    """METHOD.md's gate: exactly 1 forward, the gradient of g = p[index] backward."""
-    g = p.gather(-1, index)
-    return (g - g.detach()) + 1.0
-
-
 class OracleRouting(MixLoRALinear):
     """MixLoRA whose route() gives task k the fixed factors k·q ... k·q+q-1, for A and for B.
 
@@ -152,7 +146,7 @@ class SigmoidScores(MixLoRALinear):
             c = torch.einsum("nrd,dre->ne", self.lora_A[index_a], self.router_cfs)  # (N, E)
             p_b = p_b + self.cfs_weight * torch.softmax(c, dim=-1)
         index_b = p_b.topk(self.rank, dim=-1).indices.sort(dim=-1).values  # (N, r)
-        return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b))
+        return Routing(index_a, index_b, _straight_through(p_a, index_a), _straight_through(p_b, index_b))
 
 
 class Specialists(nn.Module):
