@@ -10,6 +10,7 @@ cache vs re-reading the whole sequence at every step. Prints median times, memor
     python bench_mixlora.py                              # CPU, fp32
     python bench_mixlora.py --device cuda --dtype bf16   # GPU: CUDA events, bf16 autocast
     python bench_mixlora.py --quick                      # a seconds-long smoke run
+    python bench_mixlora.py --only generation            # just the generation table
 
 Memory: on a GPU, the peak allocated during the step; on the CPU (no allocator statistics),
 the bytes of the tensors autograd saves for backward, each storage counted once.
@@ -173,16 +174,25 @@ def main(argv: list[str] | None = None) -> tuple[list[tuple], list[tuple]]:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
+    p.add_argument("--only", choices=["training", "generation"], help="one of the two tables (default: both)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    shapes = [(4, 16, 64)] if args.quick else USER_SHAPES
     repeats = 2 if args.quick else args.repeats
-    rows = [row for N, T, d in shapes for row in layer_rows(N, T, d, args.factors, args.rank, device, args.dtype, repeats)]
-    rows += tiny_model_rows(device, args.dtype, repeats, args.quick)
-    generation = generation_rows(device, args.dtype, repeats, args.quick)
+    rows, generation = [], []
+    if args.only != "generation":
+        shapes = [(4, 16, 64)] if args.quick else USER_SHAPES
+        rows = [row for N, T, d in shapes for row in layer_rows(N, T, d, args.factors, args.rank, device, args.dtype, repeats)]
+        rows += tiny_model_rows(device, args.dtype, repeats, args.quick)
+        print_training(rows, device, args.dtype, repeats)
+    if args.only != "training":
+        generation = generation_rows(device, args.dtype, repeats, args.quick)
+        print_generation(generation, device, args.dtype, repeats)
+    return rows, generation
 
+
+def print_training(rows: list[tuple], device: torch.device, dtype: str, repeats: int) -> None:
     memory = "peak MiB" if device.type == "cuda" else "saved MiB"
-    print(f"\nforward+backward, {device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"\nforward+backward, {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {repeats}, variants interleaved\n")
     print(f"| shape (N, T, d) | variant | ms | {memory} | ms / LoRA | {memory} / LoRA |")
     print("|---|---|---|---|---|---|")
@@ -199,7 +209,10 @@ def main(argv: list[str] | None = None) -> tuple[list[tuple], list[tuple]]:
             line += f"; per-instance ΔW/MixLoRA {by[shape, 'per-instance'][0] / mix[0]:.2f} time"
         print(line)
 
-    print("\ngreedy generation, tiny model with MixLoRA (eval, no_grad), same batch and prompts\n")
+
+def print_generation(generation: list[tuple], device: torch.device, dtype: str, repeats: int) -> None:
+    print(f"\ngreedy generation, tiny model with MixLoRA E=16 r=4 (eval, no_grad), {device} {dtype}, "
+          f"{torch.get_num_threads()} threads, median of {repeats}, interleaved; same batch and prompts\n")
     print("| new tokens | batch | uncached ms | KV cache ms | uncached answers/s | KV cache answers/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     ms = {(new, name): t for new, _, name, t in generation}
@@ -207,7 +220,6 @@ def main(argv: list[str] | None = None) -> tuple[list[tuple], list[tuple]]:
         slow, fast = ms[new, "uncached"], ms[new, "KV cache"]
         print(f"| {new} | {batch} | {slow:.1f} | {fast:.1f} | {batch / slow * 1e3:.0f} | {batch / fast * 1e3:.0f} "
               f"| {slow / fast:.2f} |")
-    return rows, generation
 
 
 if __name__ == "__main__":
