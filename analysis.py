@@ -418,7 +418,8 @@ def sweep_tables(table: dict) -> str:
         task = [r["heldout"].get("digit_colour") for r in runs]
         lines.append(f"| {label} | {len(runs)} | {cell(seen)} | {cell(held)} | "
                      f"{cell(task) if None not in task else '-'} |")
-    lines += ["", "Seen templates, per task (the specialist row is the paper's Table 2):", "",
+    note = " (the specialist row is the paper's Table 2)" if any("specialist" in label for label in table) else ""
+    lines += ["", f"Seen templates, per task{note}:", "",
               "| Model | " + " | ".join(TASKS) + " | Avg |", "|---" * (len(TASKS) + 2) + "|"]
     for label, runs in table.items():
         per_task = [cell([r["seen"][t] for r in runs]) for t in TASKS]
