@@ -18,6 +18,9 @@ instance n builds its own ΔW_n from r of them:
           p^B = softmax(R^B x̄) + λ softmax(c),   S^B = top-r(p^B), sorted ascending
     y   = W x + (α/r) Σ_j w_j b_{S^B_j} (a_{S^A_j} · x),   w_j = 1 in value (straight-through)
 
+scores="sigmoid" (this project's option, not the paper's) puts a per-factor σ where the three
+softmaxes over E stand: one factor's score no longer rises only by pushing the others down.
+
 Read top to bottom: LoRALinear (the baseline), MixLoRALinear (route, forward, delta_weight),
 then the helpers that put adapters into a model, route it on a prompt mask and save them.
 """
@@ -95,12 +98,14 @@ class LoRALinear(_LowRankAdapter):
 
 
 class Routing(NamedTuple):
-    """One routing decision per instance: S^A, S^B and their straight-through gates."""
+    """One routing decision per instance: S^A, S^B, their straight-through gates, and the scores."""
 
     index_a: Tensor  # (N, r) int64: S^A, the chosen a-factors, ascending
     index_b: Tensor  # (N, r) int64: S^B, the chosen b-factors, ascending
     gate_a: Tensor  # (N, r): 1.0 in value; its gradient is that of p^A[S^A]
     gate_b: Tensor  # (N, r): 1.0 in value; its gradient is that of p^B[S^B]
+    p_a: Tensor | None = None  # (N, E): p^A, which S^A is the top-r of
+    p_b: Tensor | None = None  # (N, E): p^B = IFS + λ CFS, which S^B is the top-r of
 
 
 def _straight_through(p: Tensor, index: Tensor) -> Tensor:
@@ -122,6 +127,12 @@ def _gather(pool: Tensor, index: Tensor) -> Tensor:
     return pool.index_select(0, index.flatten()).view(*index.shape, pool.shape[1])
 
 
+# How a router's logits z (N, E) become the scores p that top-r ranks and the gates carry:
+# "softmax" over the E factors is the paper's (METHOD.md); "sigmoid" scores each factor on its
+# own, p_e = σ(z_e), so that raising one chosen factor's p does not lower the others' (below).
+SCORES = {"softmax": lambda z: torch.softmax(z, dim=-1), "sigmoid": torch.sigmoid}
+
+
 class MixLoRALinear(_LowRankAdapter):
     """Conditional Mixture of LoRA: each instance n gets ΔW_n = (α/r) Σ_j b_{S^B_j} ⊗ a_{S^A_j}.
 
@@ -132,13 +143,21 @@ class MixLoRALinear(_LowRankAdapter):
     router_cfs[:, j, e] = W^CFS_{j,:,e}, the layout in which scoring is one plain matmul.
     router_grad=False freezes the routers at their random init (stored as buffers, with no
     gradient through the routing): the behaviour of the authors' released code.
+
+    scores="sigmoid" (not the paper; see SCORES) replaces the softmax over E by one sigmoid per
+    factor in p^A, p^B and the CFS term. Why: with straight-through gates, a softmax lets the
+    first chosen factor take the score, and the other r - 1 keep p ≈ 0 and almost no gradient
+    (the README's mechanism section measures it). Selection, order, gates and forward are the same.
     """
 
     def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None = None,
                  dropout: float = 0.0, conditional: bool = True, cfs_weight: float = 1.0,
-                 router_grad: bool = True):
+                 router_grad: bool = True, scores: str = "softmax"):
         super().__init__(base, num_factors, rank, alpha, dropout)
+        if scores not in SCORES:
+            raise ValueError(f"scores must be one of {', '.join(map(repr, SCORES))}, got {scores!r}")
         self.conditional, self.cfs_weight, self.router_grad = conditional, cfs_weight, router_grad
+        self.scores = scores
         d_in, E, like = base.in_features, num_factors, self.lora_A
         # Small random init, as nn.Linear's default: uniform in ±1/sqrt(fan_in).
         routers = {"router_A": torch.rand(E, d_in) * 2 - 1, "router_B": torch.rand(E, d_in) * 2 - 1}
@@ -151,9 +170,15 @@ class MixLoRALinear(_LowRankAdapter):
                 self.register_parameter(name, nn.Parameter(w))
             else:
                 self.register_buffer(name, w)
-        self.mask: Tensor | None = None  # the prompt mask, while inside routing_mask(model, mask)
-        self.last_routing: Routing | None = None  # what the last forward used, detached
-        self.routed_on_prompt = False  # whether the last routing came from routing_mask's mask
+        # Set by routing_mask(model, mask) for its duration, and restored when it exits:
+        self.mask: Tensor | None = None  # the prompt mask
+        self.held: Routing | None = None  # the prompt's routing, which new tokens reuse (detached)
+        # Kept across contexts, to look at and to catch misuse:
+        self.last_routing: Routing | None = None  # what the last routing forward used, detached
+        self.routed_on_prompt = False  # whether that routing came from routing_mask's mask
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scores={self.scores}"
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
         """Choose S^A by IFS and S^B by IFS + CFS for every instance of x ((N, T, d_in) or (N, d_in)).
@@ -173,22 +198,28 @@ class MixLoRALinear(_LowRankAdapter):
                 m = m / m.sum(1, keepdim=True).clamp(min=1)
                 x_bar = torch.bmm(m[:, None, :], x).squeeze(1)  # (N, d_in)
             x_bar = x_bar.to(dtype)
+            score = SCORES[self.scores]  # softmax over the E factors (the paper), or σ per factor
             # IFS: p^A = softmax(R^A x̄), S^A = top-r, in canonical (ascending) order.
-            p_a = torch.softmax(x_bar @ self.router_A.to(dtype).T, dim=-1)  # (N, E)
+            p_a = score(x_bar @ self.router_A.to(dtype).T)  # (N, E)
             index_a = p_a.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
             # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
-            p_b = torch.softmax(x_bar @ self.router_B.to(dtype).T, dim=-1)  # (N, E)
+            p_b = score(x_bar @ self.router_B.to(dtype).T)  # (N, E)
             if self.conditional:
-                # Score every factor f in every slot j once, G_fje = <a_f, W^CFS_{j,:,e}> (no per-
-                # instance gather of A, no copy of W^CFS), then add up the r entries chosen.
-                G = self.lora_A.to(dtype) @ self.router_cfs.to(dtype).flatten(1)  # (E, r·E)
-                slots = torch.arange(self.rank, device=x.device)
-                c = _gather(G.view(-1, self.num_factors), index_a * self.rank + slots).sum(1)  # (N, r, E) -> (N, E)
-                p_b = p_b + self.cfs_weight * torch.softmax(c, dim=-1)
+                p_b = p_b + self.cfs_weight * score(self.cfs_logits(index_a, dtype))
             index_b = p_b.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
             p_a, p_b = p_a.detach(), p_b.detach()
-        return Routing(index_a, index_b, _straight_through(p_a, index_a), _straight_through(p_b, index_b))
+        return Routing(index_a, index_b, _straight_through(p_a, index_a), _straight_through(p_b, index_b), p_a, p_b)
+
+    def cfs_logits(self, index_a: Tensor, dtype: torch.dtype) -> Tensor:
+        """CFS: c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}> for every instance's S^A (N, r) -> c (N, E).
+
+        Every factor f is scored in every slot j once, G_fje = <a_f, W^CFS_{j,:,e}> (no per-
+        instance gather of A, no copy of W^CFS), then the r entries chosen are added up.
+        """
+        G = self.lora_A.to(dtype) @ self.router_cfs.to(dtype).flatten(1)  # (E, r·E)
+        slots = torch.arange(self.rank, device=index_a.device)
+        return _gather(G.view(-1, self.num_factors), index_a * self.rank + slots).sum(1)  # (N, r, E) -> (N, E)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """y = W x + (α/r) bmm(bmm(dropout(x), A_nᵀ) · w, B_nᵀ): two gathers and two bmm's.
@@ -212,8 +243,8 @@ class MixLoRALinear(_LowRankAdapter):
         """
         T = x.shape[1] if x.dim() == 3 else 1
         if mask is None and self.mask is not None and T != self.mask.shape[1]:
-            held = self.last_routing
-            if not self.routed_on_prompt:
+            held = self.held
+            if held is None:
                 raise ValueError(f"x has {T} position(s) but the routing mask has {self.mask.shape[1]}: new "
                                  f"tokens after a prompt, which reuse its routing, but no prompt has been "
                                  f"routed inside this routing_mask(...) yet; run the prompt (prefill) first")
@@ -229,7 +260,9 @@ class MixLoRALinear(_LowRankAdapter):
                              "`with routing_mask(...)` block")
         self.routed_on_prompt = mask is None and self.mask is not None
         routing = self.route(x, self.mask if mask is None else mask)
-        self.last_routing = Routing(*(t.detach() for t in routing))
+        self.last_routing = Routing(*(t if t is None else t.detach() for t in routing))
+        if self.routed_on_prompt:
+            self.held = self.last_routing
         return routing
 
     def delta_weight(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -325,10 +358,10 @@ def add_lora(model: nn.Module, targets: Sequence[str] | str, rank: int, alpha: f
 
 def add_mixlora(model: nn.Module, targets: Sequence[str] | str, num_factors: int, rank: int,
                 alpha: float | None = None, dropout: float = 0.0, conditional: bool = True,
-                cfs_weight: float = 1.0, router_grad: bool = True) -> nn.Module:
+                cfs_weight: float = 1.0, router_grad: bool = True, scores: str = "softmax") -> nn.Module:
     """Wrap the target nn.Linear layers of model in MixLoRALinear, in place; returns model."""
     return _replace_linears(model, targets, lambda base: MixLoRALinear(
-        base, num_factors, rank, alpha, dropout, conditional, cfs_weight, router_grad))
+        base, num_factors, rank, alpha, dropout, conditional, cfs_weight, router_grad, scores))
 
 
 @contextmanager
@@ -341,18 +374,20 @@ def routing_mask(model: nn.Module, mask: Tensor) -> Iterator[None]:
     without a KV cache) reuses that routing (MixLoRALinear._routing). For generation pass the
     prompt's mask (False at padding); where generate() expands the batch k-fold (beam search,
     num_return_sequences), pass mask.repeat_interleave(k, dim=0). Call backward inside too, so
-    that gradient checkpointing's recomputation routes as the forward did.
+    that gradient checkpointing's recomputation routes as the forward did. Contexts nest: on
+    exit, the enclosing context's mask and held routing are back, as if the inner one never ran.
     """
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be a bool tensor of shape (N, T), got {mask.dtype} {tuple(mask.shape)}")
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+    outer = [(layer.mask, layer.held) for layer in layers]  # None, None outside every context
     for layer in layers:
-        layer.mask, layer.routed_on_prompt = mask, False  # nothing held from an earlier prompt
+        layer.mask, layer.held = mask, None  # nothing held from an earlier prompt
     try:
         yield
-    finally:
-        for layer in layers:
-            layer.mask = None
+    finally:  # contexts nest: give back the enclosing one's mask and held routing, also on error
+        for layer, (outer_mask, outer_held) in zip(layers, outer):
+            layer.mask, layer.held = outer_mask, outer_held
 
 
 def _adapters(model: nn.Module) -> Iterator[tuple[str, _LowRankAdapter]]:

@@ -8,7 +8,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixlora import (LoRALinear, MixLoRALinear, adapter_state_dict, add_lora, add_mixlora,
+from mixlora import (SCORES, LoRALinear, MixLoRALinear, adapter_state_dict, add_lora, add_mixlora,
                      load_adapter_state_dict, mark_only_adapters_trainable, routing_mask)
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
@@ -56,13 +56,13 @@ def build(c: Case, **kwargs) -> tuple[MixLoRALinear, torch.Tensor, torch.Tensor]
 
 # ---- the method's consequences --------------------------------------------------------------
 
-@given(cases(E_equals_r=True), st.booleans())
-def test_E_equals_r_is_lora(c: Case, use_mask: bool):
+@given(cases(E_equals_r=True), st.booleans(), st.sampled_from(list(SCORES)))
+def test_E_equals_r_is_lora(c: Case, use_mask: bool, scores: str):
     torch.manual_seed(c.seed)
     base = nn.Linear(c.d_in, c.d_out, dtype=F64)
     lora = LoRALinear(base, c.r, alpha=3.0)
     nn.init.normal_(lora.lora_B)
-    mix = MixLoRALinear(base, c.r, c.r, alpha=3.0, conditional=c.conditional)
+    mix = MixLoRALinear(base, c.r, c.r, alpha=3.0, conditional=c.conditional, scores=scores)
     with torch.no_grad():
         mix.lora_A.copy_(lora.lora_A)
         mix.lora_B.copy_(lora.lora_B)
@@ -141,7 +141,10 @@ def test_routing_ignores_other_instances_and_masked_out_positions(c: Case):
 def test_no_mask_routes_on_the_mean_of_all_positions(c: Case):
     layer, x, _ = build(c)
     everywhere = torch.ones(c.N, c.T, dtype=torch.bool)
-    assert all(torch.equal(a, b) for a, b in zip(layer.route(x), layer.route(x, everywhere)))
+    plain, masked = layer.route(x), layer.route(x, everywhere)
+    assert torch.equal(plain.index_a, masked.index_a) and torch.equal(plain.index_b, masked.index_b)
+    torch.testing.assert_close(plain.p_a, masked.p_a, rtol=1e-12, atol=1e-14)  # a mean and a masked mean: rounding apart
+    torch.testing.assert_close(plain.p_b, masked.p_b, rtol=1e-12, atol=1e-14)
 
 
 def test_two_dimensional_input_is_one_position_per_instance():
@@ -159,6 +162,53 @@ def test_routing_mask_context_routes_every_layer_and_is_reset():
     torch.testing.assert_close(y, layer(x, mask), rtol=0, atol=0)
     assert layer.mask is None
     assert not torch.equal(layer(x), y)  # without the mask it routes on every position
+
+
+def test_routing_mask_contexts_nest_and_restore_the_outer_one():
+    c = Case(N=3, T=6, d_in=6, d_out=5, E=10, r=3, seed=2, conditional=True)
+    layer, x, outer_mask = build(c)
+    inner_x = torch.randn(3, 4, 6, dtype=F64)  # the inner context's prompt has another length
+    inner_mask = random_mask(3, 4, torch.Generator().manual_seed(9))
+    new_token = torch.randn(3, 1, 6, dtype=F64)
+    with routing_mask(layer, outer_mask):  # a fresh context: the reference
+        layer(x)
+        fresh = layer(new_token)
+    with routing_mask(layer, outer_mask):
+        layer(x)  # the outer prompt, routed and held
+        with routing_mask(layer, inner_mask):
+            torch.testing.assert_close(layer(inner_x), layer.base(inner_x) + layer(inner_x, inner_mask) - layer.base(inner_x))
+            inner_routing = layer.held
+            assert not torch.equal(inner_routing.index_a, layer.route(x, outer_mask).index_a)  # it routed anew
+        assert layer.mask is outer_mask
+        assert torch.equal(layer(new_token), fresh)  # a decode step reuses the outer prompt's routing
+        torch.testing.assert_close(layer(x), layer(x, outer_mask), rtol=0, atol=0)  # and the outer length routes on its mask
+        with pytest.raises(RuntimeError, match="inside"), routing_mask(layer, inner_mask):
+            layer(inner_x)
+            raise RuntimeError("raised inside")
+        assert layer.mask is outer_mask and torch.equal(layer(new_token), fresh)  # restored on error too
+    assert layer.mask is None and layer.held is None
+
+
+def test_checkpointing_backward_in_an_outer_context_after_an_inner_one():
+    # The Hugging Face Trainer's case: the forward in an inner context (compute_loss), backward
+    # after it has exited, in an outer one (training_step). The recomputation must route on the
+    # outer mask, as the forward did on the same mask, and give the same gradients.
+    from torch.utils.checkpoint import checkpoint
+    layer, x, mask = build(Case(N=4, T=5, d_in=6, d_out=6, E=8, r=2, seed=5, conditional=True))
+    grads = []
+    for checkpointed in (False, True):
+        layer.zero_grad()
+        with routing_mask(layer, mask):
+            with routing_mask(layer, mask):
+                y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+            loss_of_output(y).backward()
+        grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-12, atol=1e-12)
+
+
+def loss_of_output(y: torch.Tensor) -> torch.Tensor:
+    return (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum()
 
 
 # ---- Conditional Factor Selection --------------------------------------------------------------
@@ -209,22 +259,28 @@ def test_routers_get_gradients_and_unchosen_pool_rows_get_zero(c: Case):
 
 
 def papers_p(layer: MixLoRALinear, x: torch.Tensor, mask: torch.Tensor, index_a: torch.Tensor):
-    """p^A and p^B written out from METHOD.md, for a layer and its S^A."""
+    """p^A and p^B written out from METHOD.md (and its item 7 for scores="sigmoid"), for a layer and its S^A."""
     m = mask.to(x.dtype)
     x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True)  # the masked mean of x, not of dropout(x)
-    p_a = torch.softmax(x_bar @ layer.router_A.T, dim=-1)  # IFS
-    p_b = torch.softmax(x_bar @ layer.router_B.T, dim=-1)
-    if layer.conditional:  # c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>, p^B += λ softmax(c)
+    if layer.scores == "softmax":
+        def score(z):
+            return torch.exp(z) / torch.exp(z).sum(-1, keepdim=True)
+    else:  # each factor on its own
+        def score(z):
+            return 1 / (1 + torch.exp(-z))
+    p_a = score(x_bar @ layer.router_A.T)  # IFS
+    p_b = score(x_bar @ layer.router_B.T)
+    if layer.conditional:  # c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>, p^B += λ score(c)
         W = layer.router_cfs.permute(1, 0, 2)  # (r, d_in, E): W[j, :, e] = W^CFS_{j,:,e}
         c = torch.stack([sum(layer.lora_A[index_a[n, j]] @ W[j] for j in range(layer.rank))
                          for n in range(x.shape[0])])  # (N, E)
-        p_b = p_b + layer.cfs_weight * torch.softmax(c, dim=-1)
+        p_b = p_b + layer.cfs_weight * score(c)
     return p_a, p_b
 
 
-@given(cases(), st.floats(0.25, 4.0))
-def test_routing_is_top_r_of_the_papers_p_and_gates_carry_its_gradient(c: Case, cfs_weight: float):
-    layer, x, mask = build(c, cfs_weight=cfs_weight)
+@given(cases(), st.floats(0.25, 4.0), st.sampled_from(list(SCORES)))
+def test_routing_is_top_r_of_the_papers_p_and_gates_carry_its_gradient(c: Case, cfs_weight: float, scores: str):
+    layer, x, mask = build(c, cfs_weight=cfs_weight, scores=scores)
     if c.conditional:  # W^CFS large enough that softmax(c) and c would rank factors differently
         with torch.no_grad():
             layer.router_cfs.mul_(8.0)
@@ -235,6 +291,8 @@ def test_routing_is_top_r_of_the_papers_p_and_gates_carry_its_gradient(c: Case, 
     p_a, p_b = papers_p(layer, x, mask, routing.index_a)
     assert torch.equal(routing.index_a, p_a.topk(c.r).indices.sort().values)
     assert torch.equal(routing.index_b, p_b.topk(c.r).indices.sort().values)
+    torch.testing.assert_close(routing.p_a, p_a, rtol=1e-12, atol=1e-14)  # the scores it reports
+    torch.testing.assert_close(routing.p_b, p_b, rtol=1e-12, atol=1e-14)
     g = torch.Generator().manual_seed(c.seed)
     u, v = torch.randn(c.N, c.r, generator=g, dtype=F64), torch.randn(c.N, c.r, generator=g, dtype=F64)
     wrt = [x] + [p for n, p in layer.named_parameters() if n.startswith(("router", "lora_A"))]
@@ -303,6 +361,7 @@ def test_a_bf16_model_without_autocast_runs_and_routes_in_float32():
     (dict(num_factors=3, rank=4), "num_factors"),
     (dict(num_factors=8, rank=2, dropout=1.0), "dropout"),
     (dict(num_factors=8, rank=2, dropout=-0.1), "dropout"),
+    (dict(num_factors=8, rank=2, scores="softmax2"), r"scores must be one of 'softmax', 'sigmoid', got 'softmax2'"),
 ])
 def test_bad_hyperparameters_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -403,11 +462,13 @@ def test_mark_only_adapters_trainable():
     assert frozen == {"weight", "bias"}
 
 
-@pytest.mark.parametrize("router_grad", [True, False])
-def test_adapter_state_dict_round_trips(router_grad: bool):
+@pytest.mark.parametrize("router_grad, scores", [(True, "softmax"), (False, "softmax"), (True, "sigmoid")])
+def test_adapter_state_dict_round_trips(router_grad: bool, scores: str):
     def adapted():
-        return add_mixlora(tiny_model(), ["q_proj", "v_proj"], num_factors=6, rank=2, router_grad=router_grad)
+        return add_mixlora(tiny_model(), ["q_proj", "v_proj"], num_factors=6, rank=2, router_grad=router_grad,
+                           scores=scores)
     trained, fresh = adapted(), adapted()
+    assert all(m.scores == scores for m in trained.modules() if isinstance(m, MixLoRALinear))
     with torch.no_grad():
         for _, t in adapter_state_dict(trained).items():
             t.normal_()
