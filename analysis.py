@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import mechanism
 import toy_tasks
 import train_toy
 from mixlora import MixLoRALinear
@@ -316,7 +317,8 @@ SWEEP = [(f"LoRA r={r}", ["--methods", "lora", "--rank", str(r)]) for r in (2, 4
 SWEEP += [(f"MixLoRA E={E} r={r}", ["--methods", "mixlora", "--factors", str(E), "--rank", str(r)])
           for E in (16, 32) for r in (2, 4, 8)]
 SWEEP += [("MixLoRA E=16 r=4, IFS only", ["--methods", "mixlora", "--no-cfs"]),
-          ("MixLoRA E=16 r=4, frozen routers", ["--methods", "mixlora", "--frozen-routers"])]
+          ("MixLoRA E=16 r=4, frozen routers", ["--methods", "mixlora", "--frozen-routers"]),
+          ("MixLoRA E=16 r=4, sigmoid scores", ["--methods", "mixlora", "--scores", "sigmoid"])]
 
 
 def accuracy(flags: list[str], common: argparse.Namespace, seed: int, split: str = "eval",
@@ -334,9 +336,30 @@ def accuracy(flags: list[str], common: argparse.Namespace, seed: int, split: str
     else:
         sets = {key: v for key, v in train_toy.evaluation_sets(args.eval_size).items() if only in (None, key[0])}
     result = train_toy.evaluate(model, TOK, sets)
+    if args.methods[0] == "mixlora":
+        result["routing"] = router_collapse(model, [e for batch in task_batches(32, "collapse").values() for e in batch])
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
     return result
+
+
+@torch.no_grad()
+def router_collapse(model: TinyMLLM, examples: list[toy_tasks.Example]) -> dict[str, dict[str, float]]:
+    """Does the router saturate? Per block, the mean over its MixLoRA linears of mechanism.py's
+    measures on the prompts of `examples`: the top-1 share of the chosen p^A (1/r: the chosen
+    factors share the score evenly, 1: one takes it all), the effective number of chosen factors
+    (r ... 1), and the factor usage perplexity (E: every factor as often, r: always the same)."""
+    model.eval()
+    model(*train_toy.collate(examples, TOK, next(model.parameters()).device, with_answer=False))
+    report = {}
+    for ell, block in enumerate(model.layers):
+        layers = [m for m in block.modules() if isinstance(m, MixLoRALinear)]
+        routings = [(m.last_routing, m.num_factors) for m in layers]
+        report[f"layer {ell}"] = {
+            "top1_share": float(np.mean([mechanism.top1_share(r.p_a, r.index_a) for r, _ in routings])),
+            "effective_chosen": float(np.mean([mechanism.effective_chosen(r.p_a, r.index_a) for r, _ in routings])),
+            "usage": float(np.mean([mechanism.usage_perplexity(r.index_a, E) for r, E in routings]))}
+    return report
 
 
 def run_sweep(common: argparse.Namespace) -> dict:
@@ -367,7 +390,8 @@ def merge(runs: list[dict]) -> dict:
 LEARNING_RATES = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
 TUNED = [("LoRA r=4", ["--methods", "lora"]),
          ("MixLoRA E=16 r=4", ["--methods", "mixlora"]),
-         ("MixLoRA E=16 r=4, α=2E", ["--methods", "mixlora", "--alpha", "32"])]  # the released scale
+         ("MixLoRA E=16 r=4, α=2E", ["--methods", "mixlora", "--alpha", "32"]),  # the released scale
+         ("MixLoRA E=16 r=4, sigmoid scores", ["--methods", "mixlora", "--scores", "sigmoid"])]
 
 
 def pick_lr(validation: dict[float, float]) -> float:
@@ -425,6 +449,23 @@ def sweep_tables(table: dict) -> str:
         per_task = [cell([r["seen"][t] for r in runs]) for t in TASKS]
         avg = cell([np.mean([r["seen"][t] for t in TASKS]) for r in runs])
         lines.append(f"| {label} | " + " | ".join(per_task) + f" | {avg} |")
+    return "\n".join(lines) + collapse_table(table)
+
+
+def collapse_table(table: dict) -> str:
+    """router_collapse of every MixLoRA row, per block, mean over the seeds."""
+    rows = {label: runs for label, runs in table.items() if "routing" in runs[0]}
+    if not rows:
+        return ""
+    blocks = list(next(iter(rows.values()))[0]["routing"])
+    lines = ["", "", "Router collapse per block, on 32 prompts per task (mean over seeds): top-1 share of the chosen "
+             "p^A (1/r = even, 1 = one factor takes all) / effective chosen factors (r ... 1) / factor usage "
+             "perplexity (of E):", "",
+             "| Model | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 1) + "|"]
+    for label, runs in rows.items():
+        cells = [" / ".join(f"{np.mean([r['routing'][b][k] for r in runs]):.{d}f}"
+                            for k, d in [("top1_share", 2), ("effective_chosen", 2), ("usage", 1)]) for b in blocks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mixlora import LoRALinear, MixLoRALinear, Routing, _straight_through
+from mixlora import LoRALinear, MixLoRALinear, Routing
 
 
 @dataclass
@@ -58,12 +58,17 @@ class Config:
     log_every: int = 25  # routing quality is recorded every log_every steps
 
 
+# The published remedies for a router that collapses, each of another kind, as ablations:
+REMEDIES = ["MixLoRA renormalised gates (Mixtral)",  # gates' gradient from p over the chosen factors only
+            "MixLoRA router z-loss (ST-MoE)",  # a loss that keeps the router's logits small
+            "MixLoRA temperature τ=10 (ST-MoE)"]  # a softer softmax
 METHODS = ["LoRA r=q", "LoRA r=K·q", "MixLoRA", "MixLoRA IFS only", "MixLoRA frozen routers",
-           "MixLoRA α=2E", "MixLoRA router init ×10", "MixLoRA router lr ÷10", "MixLoRA sigmoid scores (opt-in)",
+           "MixLoRA α=2E", "MixLoRA router init ×10", "MixLoRA router lr ÷10", *REMEDIES,
+           "MixLoRA sigmoid scores", "MixLoRA sigmoid scores, IFS only", "MixLoRA sigmoid scores, CFS softmax",
            "oracle routing", "LoRA specialists r=q"]
 SIGNALS = [0.0, 0.25, 0.5, 1.0, 2.0]  # s, the sweep's rows (SNR of x̄: s·√T = 0 ... 5.7)
 CONFLICTS = [0.0, 0.25, 0.5, 0.75, 1.0]  # κ, its columns
-SWEPT = ["LoRA r=q", "MixLoRA", "MixLoRA sigmoid scores (opt-in)"]
+SWEPT = ["LoRA r=q", "MixLoRA", "MixLoRA sigmoid scores", *REMEDIES]
 
 
 # ---- the tasks -----------------------------------------------------------------------------------
@@ -128,25 +133,29 @@ class OracleRouting(MixLoRALinear):
         return Routing(index, index, ones, ones)
 
 
-class SigmoidScores(MixLoRALinear):
-    """Opt-in, not METHOD.md: IFS scores each factor with its own sigmoid, p_e = σ(R x̄)_e, instead
-    of a softmax over the E factors. Top-r selection, CFS, the gates (value 1) and forward are
-    MixLoRA's. Why: under a softmax the straight-through gradient raises the largest chosen p and,
-    through the shared normaliser, lowers the other chosen ones; p^A's top-1 saturates at ≈ 1,
-    the other r-1 chosen factors keep p ≈ 0 and no gradient, and noise picks them. Routes on
-    the mean over all positions (this experiment has no mask).
-    """
+class RenormalisedGates(MixLoRALinear):
+    """Mixtral's gate (and SparseMixer-v2's starting point): the gradient comes from the scores
+    renormalised over the r chosen factors, g_j = p_{S_j} / Σ_k p_{S_k}, not from p itself. The
+    gates stay exactly 1 in value, as in MixLoRA; only what their gradient is changes."""
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        x_bar = x.mean(1)  # (N, d_in)
-        p_a = torch.sigmoid(x_bar @ self.router_A.T)  # (N, E)
-        index_a = p_a.topk(self.rank, dim=-1).indices.sort(dim=-1).values  # (N, r)
-        p_b = torch.sigmoid(x_bar @ self.router_B.T)  # (N, E)
-        if self.conditional:  # c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>, as in MixLoRALinear.route
-            c = torch.einsum("nrd,dre->ne", self.lora_A[index_a], self.router_cfs)  # (N, E)
-            p_b = p_b + self.cfs_weight * torch.softmax(c, dim=-1)
-        index_b = p_b.topk(self.rank, dim=-1).indices.sort(dim=-1).values  # (N, r)
-        return Routing(index_a, index_b, _straight_through(p_a, index_a), _straight_through(p_b, index_b))
+        routing = super().route(x, mask)
+
+        def gate(p: Tensor, index: Tensor) -> Tensor:
+            g = p.gather(-1, index)
+            g = g / g.sum(-1, keepdim=True)  # (N, r), sums to 1 over the chosen
+            return (g - g.detach()) + 1.0
+
+        return routing._replace(gate_a=gate(routing.p_a, routing.index_a), gate_b=gate(routing.p_b, routing.index_b))
+
+
+class SoftmaxCFS(MixLoRALinear):
+    """scores="sigmoid" for IFS, but the CFS term keeps its softmax, p^B = σ(R^B x̄) + λ softmax(c):
+    the variant this file had before the option existed. route() adds λ σ(cfs_logits); since
+    σ(logit(q)) = q, returning logit(softmax(c)) makes that λ softmax(c), value and gradient."""
+
+    def cfs_logits(self, index_a: Tensor, dtype: torch.dtype) -> Tensor:
+        return torch.logit(torch.softmax(super().cfs_logits(index_a, dtype), dim=-1))
 
 
 class Specialists(nn.Module):
@@ -182,13 +191,26 @@ def build(method: str, cfg: Config, base: nn.Linear) -> nn.Module:
         "MixLoRA IFS only": lambda: MixLoRALinear(base, E, q, alpha=2 * q, conditional=False),
         "MixLoRA frozen routers": lambda: MixLoRALinear(base, E, q, alpha=2 * q, router_grad=False),
         "MixLoRA α=2E": lambda: MixLoRALinear(base, E, q, alpha=2 * E),
-        # Two knobs of the router's training that we tried against the saturation (see run()).
+        # Knobs of the router's training that we tried against the saturation (TRAINING below).
         "MixLoRA router init ×10": lambda: scale_routers(MixLoRALinear(base, E, q, alpha=2 * q), 10.0),
         "MixLoRA router lr ÷10": lambda: MixLoRALinear(base, E, q, alpha=2 * q),
-        "MixLoRA sigmoid scores (opt-in)": lambda: SigmoidScores(base, E, q, alpha=2 * q),
+        "MixLoRA renormalised gates (Mixtral)": lambda: RenormalisedGates(base, E, q, alpha=2 * q),
+        "MixLoRA router z-loss (ST-MoE)": lambda: MixLoRALinear(base, E, q, alpha=2 * q),
+        # softmax(R x̄ / τ): under Adam the same as R's init ÷ τ and its learning rate ÷ τ.
+        "MixLoRA temperature τ=10 (ST-MoE)": lambda: scale_routers(MixLoRALinear(base, E, q, alpha=2 * q), 0.1),
+        "MixLoRA sigmoid scores": lambda: MixLoRALinear(base, E, q, alpha=2 * q, scores="sigmoid"),
+        "MixLoRA sigmoid scores, IFS only": lambda: MixLoRALinear(base, E, q, alpha=2 * q, scores="sigmoid",
+                                                                  conditional=False),
+        "MixLoRA sigmoid scores, CFS softmax": lambda: SoftmaxCFS(base, E, q, alpha=2 * q, scores="sigmoid"),
         "oracle routing": lambda: OracleRouting(base, cfg.num_tasks, q),
         "LoRA specialists r=q": lambda: Specialists(base, cfg.num_tasks, q),
     }[method]()
+
+
+# How some methods train differently: the routers' learning rate (a factor), and the router z-loss
+# of ST-MoE (Zoph et al., 2022), z_loss · mean_n (log Σ_e exp(R x̄_n)_e)², for R^A and R^B.
+TRAINING = {"MixLoRA router lr ÷10": {"router_lr": 0.1}, "MixLoRA temperature τ=10 (ST-MoE)": {"router_lr": 0.1},
+            "MixLoRA router z-loss (ST-MoE)": {"z_loss": 1e-3}}
 
 
 # ---- routing quality -----------------------------------------------------------------------------
@@ -220,13 +242,27 @@ def distinct_factors(index: Tensor, task: Tensor, num_tasks: int) -> int:
     return len(used)
 
 
-def top1_share(layer: MixLoRALinear, x: Tensor, index: Tensor) -> float:
-    """Of the chosen factors' p^A, the share of the largest: 1/r when the chosen factors share the
-    score (and its gradient) evenly, → 1 when one takes it all."""
-    logits = x.mean(1) @ layer.router_A.T  # (N, E)
-    p = torch.sigmoid(logits) if isinstance(layer, SigmoidScores) else torch.softmax(logits, -1)
+def top1_share(p: Tensor, index: Tensor) -> float:
+    """Of the chosen factors' scores p (N, E) at index (N, r), the share of the largest: 1/r when
+    the chosen factors share the score (and its gradient) evenly, → 1 when one takes it all."""
     chosen = p.gather(1, index)  # (N, r)
     return float((chosen.max(1).values / chosen.sum(1)).mean())
+
+
+def effective_chosen(p: Tensor, index: Tensor) -> float:
+    """The effective number of chosen factors, exp(entropy) of the chosen scores renormalised,
+    the perplexity MoE papers use for router collapse: r when they share evenly, 1 when one has all."""
+    chosen = p.gather(1, index)
+    share = chosen / chosen.sum(1, keepdim=True)  # (N, r)
+    return float(torch.exp(-(share * share.clamp_min(1e-30).log()).sum(1)).mean())
+
+
+def usage_perplexity(index: Tensor, num_factors: int) -> float:
+    """How evenly the factors are used across instances: exp(entropy) of the factors' share of all
+    selections, E when every factor is chosen equally often, r when the same r always are. The
+    load-balancing losses and biases of MoE (Switch, DeepSeek-V3) act on this."""
+    load = torch.bincount(index.flatten(), minlength=num_factors).double() / index.numel()
+    return float(torch.exp(-(load * load.clamp_min(1e-30).log()).sum()))
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -240,14 +276,19 @@ def run(method: str, cfg: Config, seed: int) -> dict:
     x_eval, task_eval, y_eval = sample(cfg, delta, cfg.eval_instances, torch.Generator().manual_seed(10_000 + seed))
     torch.manual_seed(seed)
     layer = build(method, cfg, base)
+    training = TRAINING.get(method, {})
     routers = [p for n, p in layer.named_parameters() if n.startswith("router")]
     pools = [p for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("router")]
-    router_lr = cfg.lr / 10 if method == "MixLoRA router lr ÷10" else cfg.lr
-    opt = torch.optim.AdamW([{"params": pools}, {"params": routers, "lr": router_lr}], lr=cfg.lr)
+    opt = torch.optim.AdamW([{"params": pools}, {"params": routers, "lr": cfg.lr * training.get("router_lr", 1.0)}],
+                            lr=cfg.lr)
 
     def error(x: Tensor, task: Tensor, y: Tensor) -> Tensor:  # the adapter's x ΔW_nᵀ against ΔW_k x
         layer.task = task
         return ((layer(x) - base(x) - y) ** 2).sum() / (y ** 2).sum()
+
+    def z_loss(x: Tensor) -> Tensor:  # ST-MoE's, on this experiment's x̄ (the mean of all positions)
+        logits = [x.mean(1) @ router.T for router in (layer.router_A, layer.router_B)]  # (N, E) each
+        return sum((torch.logsumexp(z, dim=-1) ** 2).mean() for z in logits)
 
     history, grad_norms = [], []
     for step in range(cfg.steps + 1):
@@ -261,8 +302,10 @@ def run(method: str, cfg: Config, seed: int) -> dict:
                                           + consistency(routing.index_b, task_eval, E)) / 2
                     log["distinct_factors"] = (distinct_factors(routing.index_a, task_eval, cfg.num_tasks)
                                                + distinct_factors(routing.index_b, task_eval, cfg.num_tasks)) / 2
-                    if not isinstance(layer, OracleRouting):  # its routers are unused
-                        log["top1_share"] = top1_share(layer, x_eval, routing.index_a)
+                    log["usage"] = usage_perplexity(routing.index_a, E)
+                    if routing.p_a is not None:  # the oracle has no scores
+                        log["top1_share"] = top1_share(routing.p_a, routing.index_a)
+                        log["effective_chosen"] = effective_chosen(routing.p_a, routing.index_a)
                     log["router_grad"] = float(np.mean(grad_norms)) if grad_norms else 0.0
             history.append(log)
             grad_norms = []
@@ -270,6 +313,8 @@ def run(method: str, cfg: Config, seed: int) -> dict:
             break
         x, task, y = sample(cfg, delta, cfg.batch, gen)
         loss = error(x, task, y)
+        if "z_loss" in training:
+            loss = loss + training["z_loss"] * z_loss(x)
         opt.zero_grad()
         loss.backward()
         if isinstance(layer, MixLoRALinear) and layer.router_grad and layer.router_A.grad is not None:
@@ -290,38 +335,43 @@ except OSError:
     FONT = ImageFont.load_default(size=13)
 
 
-def heatmaps(sweep: dict, path: Path) -> None:
-    """For each routed method: (its error − LoRA r=q's) over (s, κ), mean over seeds; blue where
-    it wins; a black frame where it wins in every seed."""
-    panels = [m for m in SWEPT if m != "LoRA r=q"]
+def heatmaps(sweep: dict, path: Path, columns: int = 3) -> None:
+    """One panel per (method, reference): (method's error − reference's) over (s, κ), mean over
+    seeds; blue where the method wins, a black frame where it wins in every seed."""
+    panels = [(m, "LoRA r=q") for m in SWEPT if m != "LoRA r=q"] + [("MixLoRA sigmoid scores", "MixLoRA")]
     c, left, top = 78, 110, 70
-    w, h = left + c * len(CONFLICTS) + 30, top + c * len(SIGNALS) + 60
-    img = Image.new("RGB", (w * len(panels), h), "white")
+    w, h = left + c * len(CONFLICTS) + 40, top + c * len(SIGNALS) + 60
+    rows = math.ceil(len(panels) / columns)
+    img = Image.new("RGB", (w * min(columns, len(panels)), h * rows), "white")
     draw = ImageDraw.Draw(img)
-    for i, method in enumerate(panels):
-        x0 = i * w + left
-        draw.text((i * w + 10, 8), f"{method} − LoRA r=q: unexplained fraction", fill="black", font=FONT)
-        draw.text((i * w + 10, 26), "blue: MixLoRA better; frame: better in every seed", fill="black", font=FONT)
+    for i, (method, reference) in enumerate(panels):
+        px, py = (i % columns) * w, (i // columns) * h
+        x0 = px + left
+        draw.text((px + 10, py + 8), f"{method} − {reference}", fill="black", font=FONT)
+        draw.text((px + 10, py + 26), "unexplained fraction; blue: better; frame: in every seed", fill="black", font=FONT)
         for row, s in enumerate(reversed(SIGNALS)):
-            y = top + row * c
-            draw.text((i * w + 10, y + c // 2 - 7), f"s={s:g} ({s * math.sqrt(sweep['T']):.1f})", fill="black", font=FONT)
+            y = py + top + row * c
+            draw.text((px + 10, y + c // 2 - 7), f"s={s:g} ({s * math.sqrt(sweep['T']):.1f})", fill="black", font=FONT)
             for col, kappa in enumerate(CONFLICTS):
-                d = [a - b for a, b in zip(sweep[f"{s:g},{kappa:g}"][method], sweep[f"{s:g},{kappa:g}"]["LoRA r=q"])]
+                point = sweep[f"{s:g},{kappa:g}"]
+                d = [a - b for a, b in zip(point[method], point[reference])]
                 t = min(1.0, abs(np.mean(d)))
                 colour = (int(255 * (1 - t)), int(255 * (1 - t)), 255) if np.mean(d) < 0 else (255, int(255 * (1 - t)), int(255 * (1 - t)))
                 box = (x0 + col * c, y, x0 + (col + 1) * c - 1, y + c - 1)
                 draw.rectangle(box, fill=colour, outline="black" if max(d) < 0 else "white", width=4 if max(d) < 0 else 1)
                 draw.text((box[0] + 16, y + c // 2 - 7), f"{np.mean(d):+.2f}", fill="white" if t > 0.6 else "black", font=FONT)
         for col, kappa in enumerate(CONFLICTS):
-            draw.text((x0 + col * c + c // 2 - 12, top + len(SIGNALS) * c + 6), f"{kappa:g}", fill="black", font=FONT)
-        draw.text((x0, top + len(SIGNALS) * c + 28), "conflict κ = 1 − cos(ΔW_j, ΔW_k)  →", fill="black", font=FONT)
-        draw.text((i * w + 10, top - 20), "task signal s (s·√T)", fill="black", font=FONT)
+            draw.text((x0 + col * c + c // 2 - 12, py + top + len(SIGNALS) * c + 6), f"{kappa:g}", fill="black", font=FONT)
+        draw.text((x0, py + top + len(SIGNALS) * c + 28), "conflict κ = 1 − cos(ΔW_j, ΔW_k)  →", fill="black", font=FONT)
+        draw.text((px + 10, py + top - 20), "task signal s (s·√T)", fill="black", font=FONT)
     img.save(path)
 
 
 COLOURS = {"LoRA r=q": (127, 127, 127), "LoRA r=K·q": (0, 0, 0), "MixLoRA": (31, 119, 180),
-           "MixLoRA IFS only": (23, 190, 207), "MixLoRA frozen routers": (214, 39, 40), "MixLoRA α=2E": (148, 103, 189),
-           "MixLoRA sigmoid scores (opt-in)": (255, 127, 14), "oracle routing": (44, 160, 44)}
+           "MixLoRA frozen routers": (214, 39, 40), "MixLoRA α=2E": (148, 103, 189),
+           "MixLoRA renormalised gates (Mixtral)": (140, 86, 75), "MixLoRA router z-loss (ST-MoE)": (227, 119, 194),
+           "MixLoRA temperature τ=10 (ST-MoE)": (188, 189, 34), "MixLoRA sigmoid scores": (255, 127, 14),
+           "oracle routing": (44, 160, 44)}
 
 
 def curves(results: dict, path: Path) -> None:
@@ -391,12 +441,14 @@ def main() -> None:
              f"{', '.join(map(str, seeds))} (mean ± sample std); {cfg.eval_instances} held-out instances; "
              f"CPU, 1 thread, torch {torch.__version__}; wall time {wall:.0f} s. Floors: best single ΔW of any rank "
              f"{single_delta_floor(cfg):.3f}; random-routing consistency {chance_consistency(E, cfg.task_rank):.3f}.", "",
-             "| Method | unexplained fraction | best possible | routing consistency | distinct factors (of K·q) | top-1 share of p^A |",
-             "|---|---|---|---|---|---|"]
+             "| Method | unexplained fraction | best possible | routing consistency | distinct factors (of K·q) "
+             "| top-1 share of p^A | effective chosen factors (of q) | factor usage (perplexity, of K·q) |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, runs in results.items():
         last = [r["history"][-1] for r in runs]
         routing = [cell([h[k] for h in last], d) if k in last[0] else "-"
-                   for k, d in [("consistency", 2), ("distinct_factors", 1), ("top1_share", 2)]]
+                   for k, d in [("consistency", 2), ("distinct_factors", 1), ("top1_share", 2),
+                                ("effective_chosen", 2), ("usage", 1)]]
         best = f"{floors[m]:.3f}" if m in floors else "0"
         lines.append(f"| {m} | {cell([r['error'] for r in runs])} | {best} | " + " | ".join(routing) + " |")
     lines += ["", "Sweep: unexplained fraction, mean ± std over the seeds, at (s, κ):", "",

@@ -11,6 +11,7 @@ from PIL import Image
 
 import mechanism
 from mechanism import Config
+from mixlora import MixLoRALinear
 
 torch.set_num_threads(1)
 
@@ -95,3 +96,43 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     cfg = Config(steps=20, eval_instances=64, log_every=20)
     a, b, c = (mechanism.run("MixLoRA", cfg, seed)["error"] for seed in (0, 0, 1))
     assert a == b != c
+
+
+def test_collapse_measures_on_known_scores():
+    index = torch.tensor([[0, 1], [2, 3]])
+    even = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.1, 0.1, 0.4, 0.4]])  # the chosen two share evenly
+    taken = torch.tensor([[0.999, 0.001, 0.0, 0.0], [0.0, 0.0, 0.001, 0.999]])  # one takes it all
+    assert mechanism.top1_share(even, index) == pytest.approx(0.5)
+    assert mechanism.effective_chosen(even, index) == pytest.approx(2.0)
+    assert mechanism.top1_share(taken, index) == pytest.approx(0.999)
+    assert mechanism.effective_chosen(taken, index) == pytest.approx(1.0, abs=0.01)
+    E, r = 8, 2
+    spread = torch.rand(4000, E, generator=torch.Generator().manual_seed(0)).topk(r, -1).indices
+    assert mechanism.usage_perplexity(spread, E) == pytest.approx(E, abs=0.05)  # every factor as often
+    assert mechanism.usage_perplexity(torch.tensor([[3, 5]]).expand(100, -1), E) == pytest.approx(r)
+
+
+def test_remedy_variants_route_as_they_say():
+    cfg = Config()
+    base, delta = mechanism.make_tasks(cfg, torch.Generator().manual_seed(0))
+    x, _, _ = mechanism.sample(cfg, delta, 16, torch.Generator().manual_seed(1))
+    E, q = cfg.num_tasks * cfg.task_rank, cfg.task_rank
+    # Renormalised gates: exactly 1 in value, with the gradient of p[S] / Σ p[S].
+    torch.manual_seed(0)
+    layer = mechanism.RenormalisedGates(base, E, q)
+    routing = layer.route(x)
+    assert torch.equal(routing.gate_a, torch.ones_like(routing.gate_a))
+    u = torch.randn(16, q, generator=torch.Generator().manual_seed(2))
+    chosen = routing.p_a.gather(1, routing.index_a)
+    expected = torch.autograd.grad(((chosen / chosen.sum(1, keepdim=True)) * u).sum(), layer.router_A, retain_graph=True)[0]
+    got = torch.autograd.grad((routing.gate_a * u).sum(), layer.router_A)[0]
+    torch.testing.assert_close(got, expected)
+    assert got.abs().sum() > 0
+    # Sigmoid scores with the CFS softmax kept: p^B = σ(R^B x̄) + λ softmax(c), and S^B its top-r.
+    torch.manual_seed(0)
+    layer = mechanism.SoftmaxCFS(base, E, q, scores="sigmoid")
+    routing = layer.route(x)
+    c = MixLoRALinear.cfs_logits(layer, routing.index_a, torch.float32)  # c itself, not the override
+    p_b = torch.sigmoid(x.mean(1) @ layer.router_B.T) + torch.softmax(c, -1)
+    torch.testing.assert_close(routing.p_b, p_b)
+    assert torch.equal(routing.index_b, p_b.topk(q).indices.sort().values)

@@ -313,6 +313,26 @@ def test_alpha_and_lr_flags_set_the_scale_and_name_their_runs():
     assert {m.scaling for m in model.modules() if isinstance(m, MixLoRALinear)} == {8.0}  # α/r = 2E/r
 
 
+def test_router_collapse_is_even_for_uniform_scores_and_one_for_a_saturated_block():
+    import analysis
+    args = train_toy.parse_args(["--quick", "--methods", "mixlora"])
+    model = train_toy.adapt(small_model(), args, "mixlora")
+    examples = [e for batch in analysis.task_batches(4, "collapse-test").values() for e in batch]
+    for block, scale in [(model.layers[0], 0.0), (model.layers[1], 1e4)]:
+        with torch.no_grad():
+            for m in block.modules():
+                if isinstance(m, MixLoRALinear):
+                    m.router_A.mul_(scale)
+    report = analysis.router_collapse(model, examples)
+    r = args.rank
+    # Block 0: all-zero logits, p^A = 1/E for every factor: the chosen share evenly.
+    assert report["layer 0"]["top1_share"] == pytest.approx(1 / r) and report["layer 0"]["effective_chosen"] == pytest.approx(r)
+    assert report["layer 0"]["usage"] == pytest.approx(r)  # ties: every instance the same r factors
+    # Block 1: logits x 10^4, the softmax is one-hot: the largest chosen factor has it all.
+    assert report["layer 1"]["top1_share"] > 0.99 and report["layer 1"]["effective_chosen"] < 1.05
+    assert r < report["layer 1"]["usage"] <= args.factors
+
+
 def test_pick_lr_takes_the_best_validation_score_and_the_smaller_rate_on_a_tie():
     import analysis
     assert analysis.pick_lr({5e-4: 60.0, 1e-3: 70.0, 2e-3: 70.0, 4e-3: 65.0}) == 1e-3
@@ -334,6 +354,8 @@ def test_tune_picks_on_the_validation_split_only(tmp_path, monkeypatch):
         return {split: {task: 90.0 if lr == best else 50.0 for task, s in sets if s == split} for split in splits}
 
     monkeypatch.setattr(train_toy, "evaluate", evaluate)
+    monkeypatch.setattr(analysis, "router_collapse", lambda model, examples: {
+        "layer 0": {"top1_share": 0.5, "effective_chosen": 2.0, "usage": 8.0}})
     results = analysis.main(["tune", "--quick", "--seeds", "0,1", "--out", str(tmp_path), "--checkpoints", str(tmp_path)])
     assert results["picked"] == {label: 1e-3 for label, _ in analysis.TUNED}
     assert sorted(results["table"]) == sorted(f"{label}, lr {lr}" for label, _ in analysis.TUNED
@@ -341,7 +363,7 @@ def test_tune_picks_on_the_validation_split_only(tmp_path, monkeypatch):
     # Validation runs only on the tuning seed; the evaluation sets only for the picked and the default lr.
     assert {lr for lr, splits in evaluated if splits == {"validation"}} == set(analysis.LEARNING_RATES)
     assert {lr for lr, splits in evaluated if splits != {"validation"}} == {1e-3, 2e-3}
-    assert len(evaluated) == 3 * 5 + 3 * 2 * 2
+    assert len(evaluated) == len(analysis.TUNED) * (5 + 2 * 2)
     # The validation split is new images of the trained tasks on seen templates, none of them an evaluation image.
     validation = train_toy.validation_sets(50)
     assert {task for task, _ in validation} == set(toy_tasks.TASKS)

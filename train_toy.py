@@ -10,6 +10,7 @@ with the raw numbers under runs/.
 
     python train_toy.py                                  # base + LoRA r=4 + MixLoRA E=16 r=4
     python train_toy.py --methods mixlora --factors 32 --rank 8 --no-cfs
+    python train_toy.py --methods mixlora --scores sigmoid   # per-factor sigmoid router scores
     python train_toy.py --quick                          # a smoke run of a few seconds
     torchrun --nproc_per_node=4 train_toy.py             # the same run on 4 GPUs (or CPU processes)
 
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--factors", type=int, default=16, help="E, MixLoRA's factors per pool")
     p.add_argument("--no-cfs", action="store_true", help="MixLoRA with IFS only (λ = 0, no W^CFS)")
     p.add_argument("--frozen-routers", action="store_true", help="routers stay at their random init")
+    p.add_argument("--scores", default="softmax", choices=["softmax", "sigmoid"],
+                   help="MixLoRA's router scores: softmax over E (the paper) or one sigmoid per factor")
     p.add_argument("--train-projector", action="store_true", help="also train the projector (LLaVA's recipe)")
     p.add_argument("--tasks", default=None, help="comma-separated: train on these tasks only (a per-task specialist)")
     p.add_argument("--steps", type=int, default=800, help="stage-2 steps")
@@ -325,6 +328,7 @@ def run_name(args: argparse.Namespace, method: str) -> str:
     if method == "mixlora":
         name += "-ifs" if args.no_cfs else ""
         name += "-frozen" if args.frozen_routers else ""
+        name += "-sigmoid" if args.scores == "sigmoid" else ""
     name += "-proj" if args.train_projector else ""
     name += "-only-" + "+".join(args.tasks) if args.tasks != list(toy_tasks.TASKS) else ""
     name += f"-lr{args.lr:g}" if args.lr != DEFAULT_LR else ""
@@ -340,7 +344,7 @@ def adapt(model: TinyMLLM, args: argparse.Namespace, method: str) -> TinyMLLM:
         add_lora(model, TARGETS, args.rank, alpha=args.alpha)
     else:
         add_mixlora(model, TARGETS, args.factors, args.rank, alpha=args.alpha,
-                    conditional=not args.no_cfs, router_grad=not args.frozen_routers)
+                    conditional=not args.no_cfs, router_grad=not args.frozen_routers, scores=args.scores)
     mark_only_adapters_trainable(model)
     model.projector.requires_grad_(args.train_projector)
     return model
@@ -383,7 +387,7 @@ def run(args: argparse.Namespace, rank: int, world: int) -> dict | None:
         if rank != 0:
             continue  # rank 0 evaluates; the others wait for it in the next training step
         label = "LoRA" if method == "lora" else "MixLoRA" + (" (IFS only)" if args.no_cfs else "") + (
-            " (frozen routers)" if args.frozen_routers else "")
+            " (frozen routers)" if args.frozen_routers else "") + (" (sigmoid scores)" if args.scores == "sigmoid" else "")
         rows.append({"label": label, "name": name, "factors": "-" if method == "lora" else args.factors,
                      "rank": args.rank, "accuracy": evaluate(model, tok, sets), "train_seconds": seconds,
                      "adapter_parameters": sum(v.numel() for v in adapter_state_dict(model).values()),
