@@ -128,8 +128,8 @@ class OracleRouting(MixLoRALinear):
         self.task: Tensor | None = None
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        index = self.task[:, None] * self.rank + torch.arange(self.rank)  # (N, r)
-        ones = torch.ones(index.shape, dtype=x.dtype)
+        index = self.task[:, None] * self.rank + torch.arange(self.rank, device=self.task.device)  # (N, r)
+        ones = torch.ones(index.shape, dtype=x.dtype, device=x.device)
         return Routing(index, index, ones, ones)
 
 

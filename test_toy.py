@@ -37,7 +37,7 @@ def test_tasks_are_deterministic_and_cover_all_skills():
     assert any((x.image != y.image).any() for x, y in zip(a, examples(32, seed=4)))
     assert len(toy_tasks.TASKS) >= 8
     assert {e.task for e in examples(64)} == set(toy_tasks.TASKS)
-    specialist = train_toy.training_examples("instruct", 0, 0, 16, tasks=["count"])  # --tasks count
+    specialist = train_toy.training_examples("instruct", 0, 0, 16, tasks=[toy_tasks.TASKS["count"]])  # --tasks count
     assert {e.task for e in specialist} == {"count"}
 
 

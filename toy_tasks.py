@@ -302,6 +302,43 @@ CAPTION_PROMPTS = ("describe the image .", "what does the image show ? describe 
 SHAPE_PROMPT = "is there a shape in the image ?"
 
 
+# ---- the conflict knob ---------------------------------------------------------------------------
+# K tasks ask the same question of the same kind of image (the colour of one shape), each behind
+# its own instruction word, and answer with a colour word through their own mapping. κ sets how
+# much the mappings disagree: the first round(6κ) colours are remapped, task k answering colour
+# c with the colour k places further round the list, and the rest keep their own name. So two
+# tasks give different answers to the same image on a fraction κ of the images (K ≤ 6): κ = 0 is
+# one task under K names, κ = 1 gives every task its own answer to every image. The same inputs
+# then need different updates, and only the instruction word says which: conflict as in the
+# paper, readable from the prompt. Every word is in the suite's vocabulary (the instruction
+# words are the object classes; the answers are colour names, which stage 1's captions train).
+
+CONFLICT_WORDS = CLASSES  # the K instruction words
+
+
+def conflict_tasks(num_tasks: int, conflict: float) -> dict[str, Task]:
+    """The K = num_tasks tasks of the conflict knob at κ = conflict, keyed by instruction word."""
+    colours = list(COLOURS)
+    if not 1 <= num_tasks <= len(CONFLICT_WORDS):
+        raise ValueError(f"num_tasks must be in 1 ... {len(CONFLICT_WORDS)}, got {num_tasks}")
+    if abs(conflict * len(colours) - round(conflict * len(colours))) > 1e-9 or not 0 <= conflict <= 1:
+        raise ValueError(f"conflict must be a multiple of 1/{len(colours)} in [0, 1] (a share of the "
+                         f"{len(colours)} colours), got {conflict}")
+    remapped = colours[:round(conflict * len(colours))]
+
+    def make(k: int, word: str) -> Task:
+        def draw(rng: random.Random) -> Draw:
+            o, image, caption = _one_object(rng)
+            answer = colours[(colours.index(o.colour) + k) % len(colours)] if o.colour in remapped else o.colour
+            return image, caption, {"w": word}, answer
+
+        colour = TASKS["colour"]
+        return Task(word, draw, tuple("{w} , " + t for t in colour.templates),
+                    tuple("{w} , " + t for t in colour.heldout_templates))
+
+    return {word: make(k, word) for k, word in enumerate(CONFLICT_WORDS[:num_tasks])}
+
+
 def sample(task: Task, rng: random.Random, heldout: bool = False) -> Example:
     """One instruction example of task; heldout picks an unseen phrasing."""
     image, _, slots, answer = task.draw(rng)

@@ -131,12 +131,12 @@ def collate(examples: list[toy_tasks.Example], tok: Tokenizer, device: torch.dev
 
 
 def training_examples(stage: str, seed: int, step: int, batch_size: int, rank: int = 0, world: int = 1,
-                      tasks: list[str] | None = None) -> list[toy_tasks.Example]:
+                      tasks: list[toy_tasks.Task] | None = None) -> list[toy_tasks.Example]:
     """Example i of a step's global batch is a function of (stage, seed, step, i): the same data
     for every method, a resumed run sees exactly the batches it would have seen, and each of
     `world` processes draws only its own shard i = rank, rank + world, ... of the same batch.
-    Stage 2 draws uniformly from `tasks` (all of them by default)."""
-    tasks = [toy_tasks.TASKS[t] for t in tasks or toy_tasks.TASKS]
+    Stage 2 draws uniformly from `tasks` (the suite's eight by default)."""
+    tasks = tasks or list(toy_tasks.TASKS.values())
     examples = []
     for i in range(rank, batch_size, world):
         rng = random.Random(f"{stage}-{seed}-{step}-{i}")
@@ -216,9 +216,12 @@ def recipe(args: argparse.Namespace) -> dict:
 
 
 def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok: Tokenizer,
-          steps: int, lr: float, ckpt: Path, until: int | None = None) -> float:
+          steps: int, lr: float, ckpt: Path, until: int | None = None,
+          tasks: list[toy_tasks.Task] | None = None) -> float:
     """Train model's trainable parameters; checkpoint every ~10% of the steps. Returns seconds.
-    `until` stops early, at that step of the `steps`-long schedule (to look at a model part-way)."""
+    `until` stops early, at that step of the `steps`-long schedule (to look at a model part-way).
+    Stage 2 trains on `tasks`, by default the suite's tasks that --tasks names."""
+    tasks = tasks or [toy_tasks.TASKS[t] for t in args.tasks]
     device = next(model.parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # DDP averages gradients over processes; every adapter parameter gets one on every rank
@@ -244,7 +247,7 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
     model.train()
     t0, last_print, tokens_seen = time.time(), 0.0, 0
     for step in range(start, until or steps):
-        examples = training_examples(stage, args.seed, step, args.batch_size, rank, world, args.tasks)
+        examples = training_examples(stage, args.seed, step, args.batch_size, rank, world, tasks)
         images, tokens, prompt_lens = collate(examples, tok, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)

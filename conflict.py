@@ -1,0 +1,314 @@
+"""Where the paper's claim holds: the toy VLM with its task conflict turned up.
+
+    python conflict.py                    # K = 4 and K = 6, κ = 0, 0.5, 1, seeds 0, 1, 2 -> runs/conflict/
+    python conflict.py --num-tasks 4      # one K (two such processes share the CPU's cores; the
+                                          # runs are cached, a last plain call gathers them)
+    python conflict.py --quick            # the same pipeline on the smoke-test model (CI)
+
+mechanism.py shows, on one layer with a known answer, that MixLoRA beats LoRA only where tasks
+conflict (the same inputs need different updates) and the task is readable from x̄. The toy
+suite sits at low conflict. Here the same tiny model and stage-1 base are trained, in stage 2,
+on toy_tasks.conflict_tasks(K, κ): K tasks that ask the colour of a shape, each behind its own
+instruction word, answering through mappings that disagree on a fraction κ of the images.
+
+For each K, κ and seed: LoRA r=4 and r=16, MixLoRA E=16 r=4 (softmax scores, the paper; and
+sigmoid scores), MixLoRA with oracle routing (task k gets its own r factors in every layer: the
+ceiling for routing, as in mechanism.py), and per-task LoRA r=4 specialists (each on its task
+alone, for steps/K steps: the examples of its task the mixture gives). Exact match of the greedy
+answer on new images, seen and held-out phrasings. The conflict is measured, not assumed: the
+cosine between the tasks' gradients on LoRA r=4's adapters at 1/4 of its schedule
+(analysis.gradient_cosines) must fall as κ rises. Next to the toy's gaps, mechanism.py's
+prediction for the same K (at s = 2, a task readable from x̄).
+"""
+
+import argparse
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import analysis
+import mechanism
+import toy_tasks
+import train_toy
+from mixlora import _replace_linears, mark_only_adapters_trainable
+from tiny_mllm import TinyMLLM
+
+TOK = analysis.TOK
+KS = (4, 6)
+CONFLICTS = (0.0, 0.5, 1.0)
+METHODS = {  # label: train_toy.py's flags; the oracle and the specialists are built here
+    "LoRA r=4": ["--methods", "lora", "--rank", "4"],
+    "LoRA r=16": ["--methods", "lora", "--rank", "16"],
+    "MixLoRA E=16 r=4": ["--methods", "mixlora"],
+    "MixLoRA E=16 r=4, sigmoid scores": ["--methods", "mixlora", "--scores", "sigmoid"],
+    "MixLoRA oracle routing": ["--methods", "mixlora"],
+    "LoRA specialists r=4": ["--methods", "lora", "--rank", "4"],
+}
+ROUTED = ["MixLoRA E=16 r=4", "MixLoRA E=16 r=4, sigmoid scores", "MixLoRA oracle routing"]
+
+
+# ---- the oracle: routing that is the answer -----------------------------------------------------
+
+def add_oracle(model: TinyMLLM, tasks: list[toy_tasks.Task], rank: int) -> None:
+    """Every LM linear becomes a MixLoRA layer of E = K·r factors whose routing gives task k the
+    factors k·r ... k·r + r - 1 (mechanism.OracleRouting). The task is read where a router can
+    read it: the instruction word among the prompt's tokens (a hook on the embedding sees every
+    whole text, in training and in the prefill; decode steps hold the prefill's routing)."""
+    _replace_linears(model, train_toy.TARGETS, lambda base: mechanism.OracleRouting(base, len(tasks), rank))
+    layers = [m for m in model.modules() if isinstance(m, mechanism.OracleRouting)]
+    words = torch.tensor([TOK.stoi[task.name] for task in tasks])
+
+    def read_task(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        tokens = inputs[0]
+        if tokens.dim() == 2:  # (N, L): a whole text; a decode step embeds (N,) tokens
+            task = (tokens[:, :, None] == words.to(tokens.device)).any(1).float().argmax(-1)  # (N,)
+            for layer in layers:
+                layer.task = task
+
+    model.embed.register_forward_hook(read_task)
+
+
+# ---- one run -------------------------------------------------------------------------------------
+
+def evaluation_sets(tasks: list[toy_tasks.Task], size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]:
+    """New images, seen and held-out phrasings; the images depend on the task's word and the split
+    only, so every κ, K and method is scored on the same images."""
+    return {(task.name, split): [toy_tasks.sample(task, random.Random(f"eval-conflict-{task.name}-{split}-{i}"),
+                                                  heldout=split == "heldout") for i in range(size)]
+            for task in tasks for split in ("seen", "heldout")}
+
+
+def trained(label: str, num_tasks: int, conflict: float, seed: int, common: argparse.Namespace,
+            tasks: list[toy_tasks.Task] | None = None, until: int | None = None) -> tuple[TinyMLLM, argparse.Namespace]:
+    """Stage 2 of one method on the shared stage-1 base (seed 0) and the conflict tasks (or the
+    subset `tasks`, for a specialist); read back when finished, resumed when killed."""
+    all_tasks = list(toy_tasks.conflict_tasks(num_tasks, conflict).values())
+    tasks = tasks or all_tasks
+    args = analysis.toy_args(METHODS[label] + ["--seed", "0"], common)
+    base, _ = train_toy.base_model(args, TOK, rank=0)
+    args.seed, args.conflict_tasks, args.conflict = seed, num_tasks, conflict  # the recipe names them
+    method = args.methods[0]
+    if label == "MixLoRA oracle routing":
+        torch.manual_seed(args.seed + 1)
+        add_oracle(base, all_tasks, args.rank)
+        model = mark_only_adapters_trainable(base)
+        method = "oracle"
+    else:
+        model = train_toy.adapt(base, args, method)
+    steps = args.steps if len(tasks) == len(all_tasks) else max(1, args.steps // num_tasks)
+    name = (train_toy.run_name(args, method).replace(f"-steps{args.steps}", f"-steps{steps}")
+            + f"-K{num_tasks}-conflict{conflict:g}" + (f"-{tasks[0].name}" if len(tasks) < len(all_tasks) else "")
+            + (f"-until{until}" if until else ""))
+    ckpt = Path(args.checkpoints) / "conflict" / f"{name}.ckpt"
+    saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    same = saved is not None and saved["recipe"] == train_toy.recipe(args)
+    if same and saved["step"] == (until or steps):
+        train_toy.load_trainable_state(model, "instruct", saved["trainable"])
+    else:
+        args.resume = same
+        train_toy.train(model, "instruct", name, args, TOK, steps, args.lr, ckpt, until=until, tasks=tasks)
+    return model.eval(), args
+
+
+def accuracy(label: str, num_tasks: int, conflict: float, seed: int, common: argparse.Namespace) -> dict:
+    """{split: {task: exact match %}} (and, for the routed methods, router_collapse per block),
+    cached as JSON under <out>/cache/."""
+    cache = Path(common.out) / "cache" / f"{label}-K{num_tasks}-conflict{conflict:g}-s{seed}.json".replace(" ", "")
+    if cache.exists():
+        return json.loads(cache.read_text())
+    tasks = list(toy_tasks.conflict_tasks(num_tasks, conflict).values())
+    size = analysis.toy_args([], common).eval_size
+    result: dict = {}
+    for group in ([[t] for t in tasks] if label == "LoRA specialists r=4" else [tasks]):
+        model, _ = trained(label, num_tasks, conflict, seed, common, tasks=group)
+        for split, scores in train_toy.evaluate(model, TOK, evaluation_sets(group, size)).items():
+            result.setdefault(split, {}).update(scores)
+        if label in ROUTED[:2]:
+            result["routing"] = analysis.router_collapse(
+                model, [e for t in tasks for e in evaluation_sets([t], 32)[t.name, "seen"]])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def gradient_conflict(num_tasks: int, conflict: float, common: argparse.Namespace) -> dict[str, float]:
+    """How much the tasks' gradients disagree, on LoRA r=4's adapters at 1/4 of its schedule
+    (seed 0): the mean off-diagonal cosine over every block's A and B matrices (analysis.
+    gradient_cosines), and the diagonal, where two batches of one task agree: its noise ceiling."""
+    tasks = list(toy_tasks.conflict_tasks(num_tasks, conflict).values())
+    size = 16 if common.quick else 64
+    batches = [{t.name: [toy_tasks.sample(t, random.Random(f"{tag}-conflict-{t.name}-{i}")) for i in range(size)]
+                for t in tasks} for tag in ("grad", "eval")]
+    model, args = trained("LoRA r=4", num_tasks, conflict, 0, common, until=max(1, analysis.toy_args([], common).steps // 4))
+    cosines = analysis.gradient_cosines(lambda d: analysis.example_losses(model, d), *batches, analysis.adapter_groups(model))
+    off = [c[~np.eye(len(c), dtype=bool)].mean() for c in cosines.values()]
+    return {"off_diagonal": float(np.mean(off)), "off_diagonal_min": float(np.min(off)),
+            "diagonal": float(np.mean([np.diag(c).mean() for c in cosines.values()]))}
+
+
+def prediction(num_tasks: int, conflict: float, seeds: list[int], quick: bool) -> dict[str, list[float]]:
+    """mechanism.py at the same K and κ, s = 2: the unexplained fraction of LoRA r=q and MixLoRA."""
+    cfg = mechanism.Config(num_tasks=num_tasks, conflict=conflict, signal=2.0)
+    cfg = replace(cfg, steps=40, log_every=40, eval_instances=128) if quick else replace(cfg, log_every=cfg.steps)
+    return {m: [mechanism.run(m, cfg, seed)["error"] for seed in seeds]
+            for m in ["LoRA r=q", "MixLoRA", "MixLoRA sigmoid scores", "oracle routing"]}
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+def seen(run: dict) -> float:
+    return float(np.mean(list(run["seen"].values())))
+
+
+def heldout(run: dict) -> float:
+    return float(np.mean(list(run["heldout"].values())))
+
+
+def cell(values: list[float], digits: int = 1) -> str:
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+
+def tables(results: dict) -> str:
+    lines = ["Exact match % on new images (mean ± sample std over the seeds), seen and held-out phrasings:", "",
+             "| K | κ | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for key, point in results["runs"].items():
+        K, kappa = key.split(",")
+        lines.append(f"| {K} | {kappa} | " + " | ".join(f"{cell([seen(r) for r in point[m]])} / {cell([heldout(r) for r in point[m]])}"
+                                                   for m in METHODS) + " |")
+    lines += ["", "Gap to LoRA r=4 on the seen phrasings, points (positive: better than LoRA r=4); in how many seeds better:", "",
+              "| K | κ | " + " | ".join(m for m in METHODS if m != "LoRA r=4") + " |", "|---|---|" + "---|" * (len(METHODS) - 1)]
+    for key, point in results["runs"].items():
+        K, kappa = key.split(",")
+        base = [seen(r) for r in point["LoRA r=4"]]
+        gaps = {m: [seen(r) - b for r, b in zip(point[m], base)] for m in METHODS if m != "LoRA r=4"}
+        lines.append(f"| {K} | {kappa} | " + " | ".join(f"{np.mean(g):+.1f} ({sum(x > 0 for x in g)}/{len(g)})"
+                                                   for g in gaps.values()) + " |")
+    lines += ["", "Gradient conflict between the tasks (LoRA r=4 at 1/4 of its schedule, seed 0; cosine of the tasks' "
+              "gradients on each block's A and B, averaged): off-diagonal mean (the most negative block), diagonal "
+              "(two batches of one task):", "", "| K | κ | off-diagonal | diagonal |", "|---|---|---|---|"]
+    for key, g in results["cosine"].items():
+        lines.append(f"| {key.replace(',', ' | ')} | {g['off_diagonal']:.3f} ({g['off_diagonal_min']:.3f}) | {g['diagonal']:.3f} |")
+    lines += ["", "mechanism.py at the same K and κ (s = 2): unexplained fraction, mean ± std over the seeds:", "",
+              "| K | κ | " + " | ".join(next(iter(results["prediction"].values()))) + " |",
+              "|---|---|" + "---|" * len(next(iter(results["prediction"].values())))]
+    for key, p in results["prediction"].items():
+        lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(cell(v, 3) for v in p.values()) + " |")
+    lines += ["", "Router collapse of the trained MixLoRA rows, mean over blocks and seeds: top-1 share of the chosen "
+              "p^A / effective chosen factors (of r):", "", "| K | κ | " + " | ".join(ROUTED[:2]) + " |", "|---|---|---|---|"]
+    for key, point in results["runs"].items():
+        cells = []
+        for m in ROUTED[:2]:
+            blocks = [b for r in point[m] for b in r["routing"].values()]
+            cells.append(f"{np.mean([b['top1_share'] for b in blocks]):.2f} / {np.mean([b['effective_chosen'] for b in blocks]):.2f}")
+        lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+COLOURS = {"LoRA r=16": (0, 0, 0), "MixLoRA E=16 r=4": (31, 119, 180), "MixLoRA E=16 r=4, sigmoid scores": (255, 127, 14),
+           "MixLoRA oracle routing": (44, 160, 44), "LoRA specialists r=4": (148, 103, 189)}
+
+
+def figure(results: dict, path: Path) -> None:
+    """Per K, two panels: the toy's seen-phrasing gap to LoRA r=4 over κ (mean, and a bar from the
+    worst to the best seed), and mechanism.py's predicted gap (LoRA r=q's unexplained fraction
+    minus the method's, ×100: the points of the update it explains that LoRA does not)."""
+    Ks = sorted({int(k.split(",")[0]) for k in results["runs"]}, reverse=True)
+    kappas = sorted({float(k.split(",")[1]) for k in results["runs"]})
+    pw, ph, m = 360, 260, 60
+    img = Image.new("RGB", (2 * pw + 40, len(Ks) * (ph + 50) + 30 + 18 * len(COLOURS)), "white")
+    draw = ImageDraw.Draw(img)
+    font = mechanism.FONT
+    for row, K in enumerate(Ks):
+        panels = [(f"toy VLM, K = {K}: accuracy − LoRA r=4 (points)", "toy"),
+                  (f"mechanism.py, K = {K}, s = 2: explained − LoRA r=q (×100)", "mechanism")]
+        for col, (title, kind) in enumerate(panels):
+            curves = {}
+            for method in COLOURS:
+                if kind == "toy":
+                    gaps = [[seen(r) - seen(b) for r, b in zip(results["runs"][f"{K},{c:g}"][method],
+                                                              results["runs"][f"{K},{c:g}"]["LoRA r=4"])] for c in kappas]
+                else:
+                    name = {"MixLoRA E=16 r=4": "MixLoRA", "MixLoRA E=16 r=4, sigmoid scores": "MixLoRA sigmoid scores",
+                            "MixLoRA oracle routing": "oracle routing"}.get(method)
+                    if name is None:
+                        continue
+                    p = [results["prediction"][f"{K},{c:g}"] for c in kappas]
+                    gaps = [[100 * (a - b) for a, b in zip(q["LoRA r=q"], q[name])] for q in p]
+                curves[method] = gaps
+            lo = min(0.0, *(min(g) for gaps in curves.values() for g in gaps)) - 2
+            hi = max(0.0, *(max(g) for gaps in curves.values() for g in gaps)) + 2
+            x0, y0 = col * (pw + 20) + m, row * (ph + 50) + 30
+            x1, y1 = x0 + pw - m - 10, y0 + ph - 40
+
+            def to_y(v: float) -> float:
+                return y1 - (v - lo) / (hi - lo) * (y1 - y0)
+
+            draw.text((x0 - m + 10, y0 - 22), title, fill="black", font=font)
+            draw.rectangle((x0, y0, x1, y1), outline="black")
+            draw.line((x0, to_y(0), x1, to_y(0)), fill=(160, 160, 160))
+            for v in (lo + 2, 0.0, hi - 2):
+                draw.text((x0 - 50, to_y(v) - 7), f"{v:+.0f}", fill="black", font=font)
+            for i, c in enumerate(kappas):
+                draw.text((x0 + i / (len(kappas) - 1) * (x1 - x0) - 8, y1 + 4), f"κ={c:g}", fill="black", font=font)
+            for j, (method, gaps) in enumerate(curves.items()):
+                xs = [x0 + i / (len(kappas) - 1) * (x1 - x0) + 3 * (j - 2) for i in range(len(kappas))]
+                draw.line([(x, to_y(np.mean(g))) for x, g in zip(xs, gaps)], fill=COLOURS[method], width=2)
+                for x, g in zip(xs, gaps):
+                    draw.line((x, to_y(min(g)), x, to_y(max(g))), fill=COLOURS[method], width=1)
+                    draw.ellipse((x - 3, to_y(np.mean(g)) - 3, x + 3, to_y(np.mean(g)) + 3), fill=COLOURS[method])
+    for j, (method, colour) in enumerate(COLOURS.items()):
+        y = len(Ks) * (ph + 50) + 10 + 18 * j
+        draw.line((20, y + 7, 44, y + 7), fill=colour, width=3)
+        draw.text((50, y), method + (" (toy only)" if method in ("LoRA r=16", "LoRA specialists r=4") else ""),
+                  fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-tasks", default=None, help="comma-separated K, each ≤ 6 (default: 4,6; 2 with --quick)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated stage-2 seeds")
+    p.add_argument("--steps", type=int, default=300, help="stage-2 steps")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="the smoke-test model, K = 2, κ = 0 and 1 (CI)")
+    p.add_argument("--out", default=None, help="default: runs/conflict (runs/conflict-quick with --quick)")
+    p.add_argument("--checkpoints", default="checkpoints")
+    common = p.parse_args(argv)
+    if common.threads:
+        torch.set_num_threads(common.threads)
+    Ks = [int(k) for k in common.num_tasks.split(",")] if common.num_tasks else ([2] if common.quick else list(KS))
+    seeds = [int(s) for s in common.seeds.split(",")]
+    kappas = (0.0, 1.0) if common.quick else CONFLICTS
+    common.out = common.out or ("runs/conflict-quick" if common.quick else "runs/conflict")
+    common.toy_flags = ["--steps", str(common.steps)]
+    start = time.time()
+    results: dict = {"K": Ks, "conflicts": list(kappas), "seeds": seeds, "steps": common.steps,
+                     "runs": {}, "cosine": {}, "prediction": {}}
+    for K in Ks:
+        for kappa in kappas:
+            key = f"{K},{kappa:g}"
+            results["cosine"][key] = gradient_conflict(K, kappa, common)
+            results["runs"][key] = {label: [accuracy(label, K, kappa, seed, common) for seed in seeds] for label in METHODS}
+            results["prediction"][key] = prediction(K, kappa, seeds, common.quick)
+    results["wall_s"] = time.time() - start
+    results["torch"], results["threads"] = torch.__version__, torch.get_num_threads()
+    out = Path(common.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = tables(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(text + "\n")
+    figure(results, out / "gap.png")
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
