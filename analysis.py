@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import cli
 import mechanism
 import toy_tasks
 import train_toy
@@ -543,22 +544,20 @@ def scatter(panels: list[tuple[str, np.ndarray]], labels: np.ndarray, kinds: np.
 # ---- command line ------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__)
     p.add_argument("command", choices=["interference", "selection", "sweep", "tune"])
-    p.add_argument("--seeds", default="0,1,2", help="sweep, tune: comma-separated stage-2 seeds to report")
-    p.add_argument("--tune-seeds", default="0", help="tune: the seeds whose validation scores pick the lr")
-    p.add_argument("--interference-lr", type=float, default=0.01, help="η of the one SGD step in I")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seeds", type=cli.integers(0), default="0,1,2", help="sweep, tune: comma-separated stage-2 seeds to report")
+    p.add_argument("--tune-seeds", type=cli.integers(0), default="0", help="tune: the seeds whose validation scores pick the lr")
+    p.add_argument("--interference-lr", type=cli.above(0.0), default=0.01, help="η of the one SGD step in I")
+    p.add_argument("--device", type=cli.device, default="auto")
     p.add_argument("--quick", action="store_true", help="the smoke-test model and a few steps")
     p.add_argument("--out", default="runs/analysis")
     p.add_argument("--checkpoints", default="checkpoints")
-    p.add_argument("--steps", type=int, help="sweep: stage-2 steps (default: train_toy.py's)")
-    p.add_argument("--eval-size", type=int, help="sweep: examples per task and split (default: train_toy.py's)")
+    p.add_argument("--steps", type=cli.at_least(1), help="sweep, tune: stage-2 steps (default: train_toy.py's)")
+    p.add_argument("--eval-size", type=cli.at_least(1), help="sweep, tune: examples per task and split (default: train_toy.py's)")
     common = p.parse_args(argv)
     common.toy_flags = [f for flag, value in [("--steps", common.steps), ("--eval-size", common.eval_size)]
                         if value is not None for f in (flag, str(value))]
-    common.seeds = [int(s) for s in common.seeds.split(",")]
-    common.tune_seeds = [int(s) for s in common.tune_seeds.split(",")]
     out = Path(common.out)
     out.mkdir(parents=True, exist_ok=True)
     if common.command == "interference":

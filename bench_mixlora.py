@@ -16,7 +16,6 @@ Memory: on a GPU, the peak allocated during the step; on the CPU (no allocator s
 the bytes of the tensors autograd saves for backward, each storage counted once.
 """
 
-import argparse
 import statistics
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+import cli
 import toy_tasks
 import train_toy
 from mixlora import LoRALinear, MixLoRALinear, _gather
@@ -167,15 +167,17 @@ def generation_rows(device: torch.device, dtype: str, repeats: int, quick: bool)
 
 
 def main(argv: list[str] | None = None) -> tuple[list[tuple], list[tuple]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    p = cli.parser(__doc__)
+    p.add_argument("--device", type=cli.device, default="cpu", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--factors", type=int, default=32)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--factors", type=cli.at_least(1), default=32, help="E (>= r)")
+    p.add_argument("--rank", type=cli.at_least(1), default=8, help="r")
+    p.add_argument("--repeats", type=cli.at_least(1), default=20)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
     p.add_argument("--only", choices=["training", "generation"], help="one of the two tables (default: both)")
     args = p.parse_args(argv)
+    if args.factors < args.rank:
+        p.error(f"argument --factors: expected E >= --rank {args.rank}, got {args.factors}")
     device = torch.device(args.device)
     repeats = 2 if args.quick else args.repeats
     rows, generation = [], []

@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import analysis
+import cli
 import mechanism
 import toy_tasks
 import train_toy
@@ -272,20 +273,21 @@ def figure(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-tasks", default=None, help="comma-separated K, each ≤ 6 (default: 4,6; 2 with --quick)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated stage-2 seeds")
-    p.add_argument("--steps", type=int, default=300, help="stage-2 steps")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", default="auto")
+    p = cli.parser(__doc__)
+    p.add_argument("--num-tasks", type=cli.integers(2, len(toy_tasks.CONFLICT_WORDS)), default=None,
+                   help="comma-separated K, each in 2 ... 6 (default: 4,6; 2 with --quick)")
+    p.add_argument("--seeds", type=cli.integers(0), default="0,1,2", help="comma-separated stage-2 seeds")
+    p.add_argument("--steps", type=cli.at_least(1), default=300, help="stage-2 steps")
+    p.add_argument("--threads", type=cli.at_least(1), default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", type=cli.device, default="auto")
     p.add_argument("--quick", action="store_true", help="the smoke-test model, K = 2, κ = 0 and 1 (CI)")
     p.add_argument("--out", default=None, help="default: runs/conflict (runs/conflict-quick with --quick)")
     p.add_argument("--checkpoints", default="checkpoints")
     common = p.parse_args(argv)
     if common.threads:
         torch.set_num_threads(common.threads)
-    Ks = [int(k) for k in common.num_tasks.split(",")] if common.num_tasks else ([2] if common.quick else list(KS))
-    seeds = [int(s) for s in common.seeds.split(",")]
+    Ks = common.num_tasks or ([2] if common.quick else list(KS))
+    seeds = common.seeds
     kappas = (0.0, 1.0) if common.quick else CONFLICTS
     common.out = common.out or ("runs/conflict-quick" if common.quick else "runs/conflict")
     common.toy_flags = ["--steps", str(common.steps)]

@@ -25,7 +25,6 @@ MixLoRA with E = K·q factors and r = q can give every task its own q factors: e
 routers learn to. Oracle routing (task k gets factors k·q ... k·q+q-1) shows that ceiling.
 """
 
-import argparse
 import json
 import math
 import time
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from PIL import Image, ImageDraw, ImageFont
 
+import cli
 from mixlora import LoRALinear, MixLoRALinear, Routing
 
 
@@ -61,7 +61,7 @@ class Config:
 # The published remedies for a router that collapses, each of another kind, as ablations:
 REMEDIES = ["MixLoRA renormalised gates (Mixtral)",  # gates' gradient from p over the chosen factors only
             "MixLoRA router z-loss (ST-MoE)",  # a loss that keeps the router's logits small
-            "MixLoRA temperature τ=10 (ST-MoE)"]  # a softer softmax
+            "MixLoRA softmax temperature τ=10"]  # a softer softmax
 METHODS = ["LoRA r=q", "LoRA r=K·q", "MixLoRA", "MixLoRA IFS only", "MixLoRA frozen routers",
            "MixLoRA α=2E", "MixLoRA router init ×10", "MixLoRA router lr ÷10", *REMEDIES,
            "MixLoRA sigmoid scores", "MixLoRA sigmoid scores, IFS only", "MixLoRA sigmoid scores, CFS softmax",
@@ -197,7 +197,7 @@ def build(method: str, cfg: Config, base: nn.Linear) -> nn.Module:
         "MixLoRA renormalised gates (Mixtral)": lambda: RenormalisedGates(base, E, q, alpha=2 * q),
         "MixLoRA router z-loss (ST-MoE)": lambda: MixLoRALinear(base, E, q, alpha=2 * q),
         # softmax(R x̄ / τ): under Adam the same as R's init ÷ τ and its learning rate ÷ τ.
-        "MixLoRA temperature τ=10 (ST-MoE)": lambda: scale_routers(MixLoRALinear(base, E, q, alpha=2 * q), 0.1),
+        "MixLoRA softmax temperature τ=10": lambda: scale_routers(MixLoRALinear(base, E, q, alpha=2 * q), 0.1),
         "MixLoRA sigmoid scores": lambda: MixLoRALinear(base, E, q, alpha=2 * q, scores="sigmoid"),
         "MixLoRA sigmoid scores, IFS only": lambda: MixLoRALinear(base, E, q, alpha=2 * q, scores="sigmoid",
                                                                   conditional=False),
@@ -209,7 +209,7 @@ def build(method: str, cfg: Config, base: nn.Linear) -> nn.Module:
 
 # How some methods train differently: the routers' learning rate (a factor), and the router z-loss
 # of ST-MoE (Zoph et al., 2022), z_loss · mean_n (log Σ_e exp(R x̄_n)_e)², for R^A and R^B.
-TRAINING = {"MixLoRA router lr ÷10": {"router_lr": 0.1}, "MixLoRA temperature τ=10 (ST-MoE)": {"router_lr": 0.1},
+TRAINING = {"MixLoRA router lr ÷10": {"router_lr": 0.1}, "MixLoRA softmax temperature τ=10": {"router_lr": 0.1},
             "MixLoRA router z-loss (ST-MoE)": {"z_loss": 1e-3}}
 
 
@@ -326,6 +326,8 @@ def run(method: str, cfg: Config, seed: int) -> dict:
 # ---- the experiment and its pictures -------------------------------------------------------------
 
 def cell(values: list[float], digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
@@ -370,7 +372,7 @@ def heatmaps(sweep: dict, path: Path, columns: int = 3) -> None:
 COLOURS = {"LoRA r=q": (127, 127, 127), "LoRA r=K·q": (0, 0, 0), "MixLoRA": (31, 119, 180),
            "MixLoRA frozen routers": (214, 39, 40), "MixLoRA α=2E": (148, 103, 189),
            "MixLoRA renormalised gates (Mixtral)": (140, 86, 75), "MixLoRA router z-loss (ST-MoE)": (227, 119, 194),
-           "MixLoRA temperature τ=10 (ST-MoE)": (188, 189, 34), "MixLoRA sigmoid scores": (255, 127, 14),
+           "MixLoRA softmax temperature τ=10": (188, 189, 34), "MixLoRA sigmoid scores": (255, 127, 14),
            "oracle routing": (44, 160, 44)}
 
 
@@ -403,14 +405,15 @@ def curves(results: dict, path: Path) -> None:
     img.save(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (CI)")
+    parser.add_argument("--seeds", type=cli.integers(0), default=None, help="comma-separated (default: 0,1,2; 0,1 with --quick)")
     parser.add_argument("--out", default=None, help="default: runs/mechanism (runs/mechanism-quick with --quick)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and the CPU is shared
     cfg = Config(steps=40, log_every=20, eval_instances=128) if args.quick else Config()
-    seeds = [0, 1] if args.quick else [0, 1, 2]
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     out = Path(args.out or ("runs/mechanism-quick" if args.quick else "runs/mechanism"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -224,20 +224,6 @@ def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
         torch.testing.assert_close(got["trainable"], expected["trainable"], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--methods", "dora"], "unknown method 'dora'"),
-    (["--rank", "8", "--factors", "4"], "rank <= factors"),
-    (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--tasks", "colour,juggling"], "unknown task 'juggling'"),
-])
-def test_bad_flags_exit_with_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_toy.parse_args(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-
-
 # ---- bench_mixlora.py ----------------------------------------------------------------------------
 
 def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys):

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import cli
 import toy_tasks
 from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
                      mark_only_adapters_trainable)
@@ -46,25 +47,26 @@ DEFAULT_LR = 2e-3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__)
     p.add_argument("--methods", default="lora,mixlora", help="comma-separated: lora, mixlora")
-    p.add_argument("--rank", type=int, default=4, help="r, for LoRA and MixLoRA alike")
-    p.add_argument("--factors", type=int, default=16, help="E, MixLoRA's factors per pool")
+    p.add_argument("--rank", type=cli.at_least(1), default=4, help="r, for LoRA and MixLoRA alike")
+    p.add_argument("--factors", type=cli.at_least(1), default=16, help="E, MixLoRA's factors per pool (>= r)")
     p.add_argument("--no-cfs", action="store_true", help="MixLoRA with IFS only (λ = 0, no W^CFS)")
     p.add_argument("--frozen-routers", action="store_true", help="routers stay at their random init")
     p.add_argument("--scores", default="softmax", choices=["softmax", "sigmoid"],
                    help="MixLoRA's router scores: softmax over E (the paper) or one sigmoid per factor")
     p.add_argument("--train-projector", action="store_true", help="also train the projector (LLaVA's recipe)")
     p.add_argument("--tasks", default=None, help="comma-separated: train on these tasks only (a per-task specialist)")
-    p.add_argument("--steps", type=int, default=800, help="stage-2 steps")
-    p.add_argument("--base-steps", type=int, default=1500, help="stage-1 steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="stage-2 peak learning rate")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="the adapters' α, scale α/r (default 2r for both methods; the released MixLoRA uses 2E)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--eval-size", type=int, default=100, help="examples per task and template split")
+    p.add_argument("--steps", type=cli.at_least(1), default=800, help="stage-2 steps")
+    p.add_argument("--base-steps", type=cli.at_least(1), default=1500, help="stage-1 steps")
+    p.add_argument("--batch-size", type=cli.at_least(1), default=64)
+    p.add_argument("--lr", type=cli.above(0.0), default=DEFAULT_LR, help="stage-2 peak learning rate")
+    # α <= 0 is refused: α = 0 turns the adapters off, and α < 0 flips ΔW's sign for no reason.
+    p.add_argument("--alpha", type=cli.above(0.0), default=None,
+                   help="the adapters' α > 0, scale α/r (default 2r for both methods; the released MixLoRA uses 2E)")
+    p.add_argument("--seed", type=cli.at_least(0), default=0)
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--eval-size", type=cli.at_least(1), default=100, help="examples per task and template split")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke run")
     p.add_argument("--resume", action="store_true", help="continue from this run's last checkpoint")
     p.add_argument("--out", default="runs", help="where the table and the JSON go")
@@ -77,24 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tasks = args.tasks.split(",") if args.tasks else list(toy_tasks.TASKS)
     for task in args.tasks:
         if task not in toy_tasks.TASKS:
-            p.exit(2, f"error: unknown task {task!r}; expected some of {', '.join(toy_tasks.TASKS)}\n")
+            p.error(f"argument --tasks: unknown task {task!r}; expected some of {', '.join(toy_tasks.TASKS)}")
     for method in args.methods:
         if method not in METHODS:
-            p.exit(2, f"error: unknown method {method!r}; expected one of {', '.join(METHODS)}\n")
-    if args.rank < 1 or ("mixlora" in args.methods and args.factors < args.rank):
-        p.exit(2, f"error: need 1 <= rank <= factors, got rank={args.rank}, factors={args.factors}\n")
+            p.error(f"argument --methods: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if "mixlora" in args.methods and args.factors < args.rank:
+        p.error(f"argument --factors: expected E >= --rank {args.rank} (each instance picks r of E), got {args.factors}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
-        p.exit(2, f"error: --batch-size {args.batch_size} is the global batch; it must divide evenly "
-                  f"over the {world} processes\n")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.exit(2, f"error: unknown device {args.device!r}; expected auto, cpu, cuda or cuda:N\n")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        p.exit(2, f"error: device {args.device!r} is not available here; expected auto, cpu or cuda\n")
+        p.error(f"argument --batch-size: {args.batch_size} is the global batch; it must divide evenly "
+                f"over the {world} processes")
     return args
 
 

@@ -1,0 +1,60 @@
+"""Every command line refuses bad input in one line that names the flag, exit code 2, before any work."""
+
+import importlib
+
+import pytest
+import torch
+
+NO_CUDA = [] if torch.cuda.is_available() else [("--device", "cuda")]
+# (module, function, leading arguments): each function parses first and exits on a bad argument.
+ENTRY_POINTS = {
+    "train_toy.py": ("train_toy", "parse_args", []),
+    "analysis.py": ("analysis", "main", ["sweep"]),
+    "mechanism.py": ("mechanism", "main", []),
+    "bench_mixlora.py": ("bench_mixlora", "main", []),
+    "conflict.py": ("conflict", "main", []),
+}
+BAD = {  # every numeric and device flag of every entry point, with values out of range
+    "train_toy.py": [("--rank", "0"), ("--factors", "0"), ("--steps", "0"), ("--base-steps", "-5"),
+                     ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
+                     ("--alpha", "0"), ("--seed", "-1"), ("--eval-size", "0"), ("--steps", "ten"),
+                     ("--device", "tpu"), ("--methods", "dora"), ("--tasks", "colour,juggling"),
+                     ("--scores", "softmax2")] + NO_CUDA,
+    "analysis.py": [("--seeds", "0,-1"), ("--seeds", "0,x"), ("--tune-seeds", "-2"), ("--interference-lr", "0"),
+                    ("--steps", "0"), ("--eval-size", "-1"), ("--device", "tpu")] + NO_CUDA,
+    "mechanism.py": [("--seeds", "-1"), ("--seeds", "one")],
+    "bench_mixlora.py": [("--factors", "0"), ("--rank", "0"), ("--repeats", "0"), ("--device", "tpu"),
+                         ("--dtype", "fp8")] + NO_CUDA,
+    "conflict.py": [("--num-tasks", "7"), ("--num-tasks", "1"), ("--seeds", "-1"), ("--steps", "0"),
+                    ("--threads", "0"), ("--device", "tpu")] + NO_CUDA,
+}
+CASES = [(entry, flag, value) for entry, flags in BAD.items() for flag, value in flags]
+
+
+@pytest.mark.parametrize("entry, flag, value", CASES, ids=[f"{e} {f} {v}" for e, f, v in CASES])
+def test_bad_input_is_one_line_that_names_the_flag(entry, flag, value, capsys):
+    module, function, leading = ENTRY_POINTS[entry]
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), function)(leading + [flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"argument {flag}" in err and value.split(",")[-1] in err
+
+
+@pytest.mark.parametrize("entry, argv, says", [
+    ("train_toy.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
+    ("bench_mixlora.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
+])
+def test_flags_that_must_agree(entry, argv, says, capsys):
+    module, function, leading = ENTRY_POINTS[entry]
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), function)(leading + argv)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_every_entry_point_is_covered():
+    import pathlib
+    scripts = {p.name for p in pathlib.Path(__file__).parent.glob("*.py")
+               if not p.name.startswith("test_") and 'if __name__ == "__main__"' in p.read_text()}
+    assert scripts == set(ENTRY_POINTS) == set(BAD)
