@@ -13,7 +13,9 @@ ENTRY_POINTS = {
     "mechanism.py": ("mechanism", "main", []),
     "bench_mixlora.py": ("bench_mixlora", "main", []),
     "conflict.py": ("conflict", "main", []),
+    "finetune_llava.py": ("finetune_llava", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
 }
+NEEDS = {"finetune_llava.py": "transformers"}  # optional dependencies: skip without them
 BAD = {  # every numeric and device flag of every entry point, with values out of range
     "train_toy.py": [("--rank", "0"), ("--factors", "0"), ("--steps", "0"), ("--base-steps", "-5"),
                      ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
@@ -27,12 +29,18 @@ BAD = {  # every numeric and device flag of every entry point, with values out o
                          ("--dtype", "fp8")] + NO_CUDA,
     "conflict.py": [("--num-tasks", "7"), ("--num-tasks", "1"), ("--seeds", "-1"), ("--steps", "0"),
                     ("--threads", "0"), ("--device", "tpu")] + NO_CUDA,
+    "finetune_llava.py": [("--factors", "0"), ("--rank", "0"), ("--alpha", "0"), ("--lr", "-1"), ("--lr", "inf"),
+                          ("--dropout", "-0.1"), ("--dropout", "1"), ("--epochs", "0"), ("--steps", "0"),
+                          ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--max-new-tokens", "0"),
+                          ("--method", "dora"), ("--scores", "softmax2"), ("--device", "tpu")] + NO_CUDA,
 }
 CASES = [(entry, flag, value) for entry, flags in BAD.items() for flag, value in flags]
 
 
 @pytest.mark.parametrize("entry, flag, value", CASES, ids=[f"{e} {f} {v}" for e, f, v in CASES])
 def test_bad_input_is_one_line_that_names_the_flag(entry, flag, value, capsys):
+    if entry in NEEDS:
+        pytest.importorskip(NEEDS[entry])
     module, function, leading = ENTRY_POINTS[entry]
     with pytest.raises(SystemExit) as exit_info:
         getattr(importlib.import_module(module), function)(leading + [flag, value])
@@ -45,8 +53,12 @@ def test_bad_input_is_one_line_that_names_the_flag(entry, flag, value, capsys):
 @pytest.mark.parametrize("entry, argv, says", [
     ("train_toy.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
     ("bench_mixlora.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
+    ("finetune_llava.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
+    ("finetune_llava.py", ["--batch-size", "6", "--grad-accum", "4"], "must divide evenly into 4 micro-batches"),
 ])
 def test_flags_that_must_agree(entry, argv, says, capsys):
+    if entry in NEEDS:
+        pytest.importorskip(NEEDS[entry])
     module, function, leading = ENTRY_POINTS[entry]
     with pytest.raises(SystemExit) as exit_info:
         getattr(importlib.import_module(module), function)(leading + argv)

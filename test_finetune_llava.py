@@ -1,0 +1,310 @@
+"""The Trainer path and finetune_llava.py, end to end on a tiny random LLaVA saved to disk.
+
+Nothing is downloaded: a word-level tokenizer (the `tokenizers` library), a CLIP image processor
+and a LlavaForConditionalGeneration built from configs are saved with save_pretrained, the
+images are drawn with pillow, and the script loads them as it would load llava-1.5-7b-hf.
+`transformers` and `accelerate` (requirements-hf.txt) are optional: without them this skips.
+"""
+
+import inspect
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from PIL import Image, ImageDraw  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
+
+import finetune_llava  # noqa: E402
+from mixlora import MixLoRALinear, routing_mask  # noqa: E402
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+WORDS = "USER: ASSISTANT: what colour is the shape ? describe it a red green blue yellow square circle".split()
+COLOURS, SHAPES = ["red", "green", "blue", "yellow"], ["square", "circle"]
+
+
+def tiny_processor() -> "transformers.LlavaProcessor":
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>",
+                                                extra_special_tokens={"image_token": "<image>"})
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    # 16 x 16 images in 8 x 8 patches: 4 patch tokens (+ CLS, which the "default" strategy drops)
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def tiny_llava(processor, seed: int = 0) -> "transformers.LlavaForConditionalGeneration":
+    torch.manual_seed(seed)
+    tok = processor.tokenizer
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=4, image_size=16, patch_size=8),
+        # initializer_range 0.5 rather than 0.02: logits large enough for a few adapter steps to learn answers
+        text_config=transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                             max_position_embeddings=64, initializer_range=0.5,
+                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=4, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def records(folder: Path, n: int = 8) -> list[dict]:
+    """n images (colour x shape) in folder, and LLaVA records whose answers have 1 or 3 words."""
+    out = []
+    for i in range(n):
+        colour, shape = COLOURS[i % 4], SHAPES[i // 4 % 2]
+        image = Image.new("RGB", (20, 24), "white")
+        draw = ImageDraw.Draw(image)
+        (draw.rectangle if shape == "square" else draw.ellipse)([2, 2, 18, 22], fill=colour)
+        image.save(folder / f"{i}.png")
+        question, answer = [("what colour is the shape ?", colour), ("describe it", f"a {colour} {shape}")][i % 2]
+        out.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory) -> Path:
+    """A saved tiny LLaVA (model, processor, tokenizer), 8 images and train.json, as a user would have them."""
+    root = tmp_path_factory.mktemp("llava")
+    processor = tiny_processor()
+    tiny_llava(processor).save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "train.json").write_text(json.dumps(records(root)))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from threads, and a busy machine makes each op wait for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mixlora_layers(model) -> list[MixLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+
+
+# ---- the README's Trainer block, run as written ---------------------------------------------------
+
+def readme_trainer_block() -> str:
+    section = (Path(__file__).parent / "README.md").read_text().split("## Use it on your model", 1)[1]
+    return next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "class MixLoRATrainer" in b)
+
+
+def test_the_readme_trainer_class_is_the_scripts():
+    assert inspect.getsource(finetune_llava.MixLoRATrainer) in readme_trainer_block()
+
+
+def run_readme_trainer(folder: Path, monkeypatch, checkpointing: bool) -> dict:
+    """The README's block on a float64 tiny LLaVA and 4 records; what every MixLoRA forward saw."""
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    block = readme_trainer_block()
+    assert block.count("activation_checkpointing=True") == 1
+    if not checkpointing:
+        block = block.replace("activation_checkpointing=True", "activation_checkpointing=False")
+    processor = tiny_processor()
+    model = tiny_llava(processor).double()
+    data = [dict(r, image=str(folder / r["image"])) for r in records(folder, n=4)]
+    scope = dict(model=model, train_dataset=data, eval_dataset=data[:3],
+                 collator=finetune_llava.Collator(processor, train=True))
+    frozen = [(p, p.detach().clone()) for p in model.parameters()]  # the base model, before the adapters
+    seen, init = [], {}
+
+    def record(m, args, out):  # every MixLoRA forward: train/eval, inside backward?, its mask, routed on it?
+        if isinstance(m, MixLoRALinear):
+            init.setdefault(m, [t.detach().clone() for t in (m.router_A, m.router_B, m.router_cfs)])
+            seen.append((m.training, torch._C._current_graph_task_id() != -1, m.mask, m.routed_on_prompt))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        torch.manual_seed(0)  # the adapters' init
+        exec(compile(block, "README.md", "exec"), scope)
+    finally:
+        hook.remove()
+    assert all(torch.equal(p, before) for p, before in frozen)  # the base model did not train
+    layers = mixlora_layers(model)
+    assert len(layers) == 2 * 7 and all(".language_model." in n for n, m in model.named_modules() if m in layers)
+    for layer in layers:  # R^A, R^B and W^CFS moved from their init
+        routers = (layer.router_A, layer.router_B, layer.router_cfs)
+        assert all(not torch.equal(t, t0) for t, t0 in zip(routers, init[layer]))
+    prompt = lambda batch: (batch["labels"] == -100) & batch["attention_mask"].bool()
+    return dict(seen=seen, adapters=torch.load(folder / "adapters.pt"), metrics=scope["metrics"],
+                train_mask=prompt(scope["collator"](data)), eval_mask=prompt(scope["collator"](data[:3])))
+
+
+def test_the_readme_trainer_block_routes_on_the_prompt_and_checkpointing_changes_nothing(tmp_path, monkeypatch):
+    plain = run_readme_trainer(tmp_path / "plain", monkeypatch, checkpointing=False)
+    run = run_readme_trainer(tmp_path / "checkpointed", monkeypatch, checkpointing=True)
+    # 3 epochs of one batch: 3 forwards per layer, each recomputed in backward under checkpointing
+    # (but down_proj, whose output backward does not need), then one evaluate() batch.
+    train = [s for s in run["seen"] if s[0] and not s[1]]
+    recomputed = [s for s in run["seen"] if s[1]]
+    evaluated = [s for s in run["seen"] if not s[0]]
+    assert (len(train), len(recomputed), len(evaluated)) == (3 * 14, 3 * 12, 14)
+    assert not any(s[1] for s in plain["seen"]) and len(plain["seen"]) == 3 * 14 + 14
+    # Training routes on (labels == -100) & attention_mask: the batch's rows, in the sampler's order.
+    rows = lambda mask: sorted(map(tuple, mask.tolist()))
+    for training, _, mask, routed in train + recomputed:
+        assert routed and rows(mask) == rows(run["train_mask"])
+    assert not run["train_mask"].all(1).any()  # so the answers (and padding) were excluded
+    for _, _, mask, routed in evaluated:  # evaluate(): the prompt too, in the eval set's order
+        assert routed and torch.equal(mask, run["eval_mask"])
+    assert torch.isfinite(torch.tensor(run["metrics"]["eval_loss"]))
+    assert plain["adapters"].keys() == run["adapters"].keys()
+    torch.testing.assert_close(run["adapters"], plain["adapters"], rtol=1e-12, atol=1e-12)
+
+
+# ---- finetune_llava.py, end to end -----------------------------------------------------------------
+
+def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_path):
+    out = tmp_path / "run"
+    data = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu"]
+    model = finetune_llava.main(data + ["--out", str(out), "--steps", "30", "--batch-size", "4", "--lr", "1e-2",
+                                        "--dropout", "0", "--eval-data", str(llava_dir / "train.json")])
+    config = json.loads((out / "adapters.json").read_text())
+    assert config["method"] == "mixlora" and (config["factors"], config["rank"], config["alpha"]) == (16, 4, 32.0)
+    assert config["steps"] == 30 and config["processes"] == 1 and config["eval_loss"] < 0.1
+    assert torch.load(out / "adapters.pt").keys() == finetune_llava.adapter_state_dict(model).keys()
+    # A new process would do this: load the base, rebuild and load the adapters, answer in left-padded
+    # batches of 3 (the two questions differ in length), with the KV cache.
+    answers = finetune_llava.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
+                                   "--batch-size", "3", "--max-new-tokens", "5"])
+    assert json.loads((out / "answers.json").read_text()) == answers
+    truth = [r["conversations"][1]["value"] for r in json.loads((llava_dir / "train.json").read_text())]
+    assert [a["id"] for a in answers] == [f"r{i}" for i in range(8)]
+    assert [a["answer"] for a in answers] == truth  # it learned them: the answers depend on the image
+    # The same as the trained model in memory, one prompt at a time, without padding or KV cache.
+    processor = transformers.AutoProcessor.from_pretrained(llava_dir / "model")
+    collate, model = finetune_llava.Collator(processor, train=False), model.eval()
+    records = finetune_llava.load_records(str(llava_dir / "train.json"), None, answers=False)
+    for record, answer in zip(records, answers):
+        batch = collate([record])
+        with routing_mask(model, batch["attention_mask"].bool()), torch.no_grad():
+            new = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False,
+                                 suppress_tokens=[model.config.image_token_id])
+        text = processor.tokenizer.decode(new[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert text == answer["answer"]
+    # ... and the base model does not know them.
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir / "model").eval()
+    batch = collate(records)
+    new = base.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[base.config.image_token_id])
+    assert sum(a.strip() == t for a, t in zip(processor.tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:],
+                                                                              skip_special_tokens=True), truth)) <= 2
+
+
+def test_the_collator_labels_the_answer_and_eos_only_and_pads_prompts_on_the_left(llava_dir):
+    processor = transformers.AutoProcessor.from_pretrained(llava_dir / "model")
+    records = finetune_llava.load_records(str(llava_dir / "train.json"), None, answers=True)[:2]
+    train = finetune_llava.Collator(processor, train=True)(records)
+    prompts = finetune_llava.Collator(processor, train=False)(records)
+    tok, image = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
+    for n, record in enumerate(records):
+        answer = train["labels"][n] != -100
+        assert torch.equal(train["labels"][n][answer], train["input_ids"][n][answer])
+        assert tok.decode(train["labels"][n][answer]) == record["conversations"][1]["value"] + " </s>"
+        T = int(train["attention_mask"][n].sum())  # right-padded: prompt, answer, then padding
+        assert answer[:T].tolist() == [False] * (T - int(answer.sum())) + [True] * int(answer.sum())
+        assert (train["input_ids"][n] == image).sum() == 4 and "labels" not in prompts
+        prompt = train["input_ids"][n][:T][~answer[:T]]  # ... and the same prompt, left-padded, to answer
+        assert torch.equal(prompts["input_ids"][n][-len(prompt):], prompt)
+        assert prompts["attention_mask"][n].sum() == len(prompt)
+    assert prompts["attention_mask"][:, -1].all() and not prompts["attention_mask"][:, 0].all()
+
+
+def test_bf16_and_gradient_checkpointing_flags(llava_dir, tmp_path):
+    """The 7B recipe's flags on the CPU: a bfloat16 base, float32 adapters under autocast, recomputed activations."""
+    out = tmp_path / "run"
+    model = finetune_llava.main(["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"),
+                                 "--device", "cpu", "--out", str(out), "--steps", "30", "--batch-size", "4",
+                                 "--lr", "1e-2", "--dropout", "0", "--bf16", "--gradient-checkpointing"])
+    checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # is_gradient_checkpointing before 5
+    assert (model.is_activation_checkpointing if checkpointing else model.is_gradient_checkpointing)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    answers = finetune_llava.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
+                                   "--max-new-tokens", "5"])
+    truth = [r["conversations"][1]["value"] for r in json.loads((llava_dir / "train.json").read_text())]
+    assert [a["answer"] for a in answers] == truth
+
+
+# ---- one-line errors ------------------------------------------------------------------------------
+
+def bad(record: dict) -> list[dict]:
+    return [{"id": "ok", "image": "0.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour ?"},
+                                                            {"from": "gpt", "value": "red"}]}, record]
+
+
+CASES = {
+    "missing image": (bad({"id": "7", "image": "nowhere.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]}), [],
+        ["record 1 (id '7')", "nowhere.png not found"]),
+    "no <image>": (bad({"id": "7", "image": "0.png", "conversations": [
+        {"from": "human", "value": "what ?"}, {"from": "gpt", "value": "red"}]}), [],
+        ["record 1 (id '7')", 'with "<image>" where the image goes']),
+    "no answer": (bad({"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nwhat ?"}]}), [],
+                  ["record 1:", 'no answer: expected a "gpt" turn']),
+    "multi-turn": (bad({"id": 3, "image": "0.png", "conversations": 2 * [
+        {"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]}), [],
+        ["record 1 (id 3)", "4 turns; only single-turn records"]),
+    "unknown target": (bad({"id": "ok2", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]}),
+        ["--targets", "q_proj,qkv_proj"], ["argument --targets", "['qkv_proj'] match no module"]),
+    "a bad number": ([], ["--lr", "0"], ["argument --lr", "expected a number > 0, got 0"]),
+    "E < r": ([], ["--factors", "2", "--rank", "4"], ["argument --factors", "expected E >= --rank 4"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_stops_the_run_in_one_line(case, llava_dir, tmp_path, capsys):
+    data, flags, says = CASES[case]
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    Image.new("RGB", (16, 16)).save(tmp_path / "0.png")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_llava.main(["--model", str(llava_dir / "model"), "--data", str(tmp_path / "data.json"),
+                             "--out", str(tmp_path / "run"), "--device", "cpu"] + flags)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and not (tmp_path / "run" / "adapters.pt").exists()
+    assert err[-1].startswith("error: ") and all(s in err[-1] for s in says) and "Traceback" not in "".join(err)
+
+
+def test_generate_before_training_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_llava.main(["--generate", str(tmp_path / "prompts.json"), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "adapters.json not found: train into --out" in capsys.readouterr().err
+
+
+# ---- several processes ----------------------------------------------------------------------------
+
+def test_torchrun_with_two_processes_matches_one_process(llava_dir, tmp_path):
+    """2 gloo processes, each on half of every global batch of 4, end where one process ends.
+
+    8 records and 4 steps: two epochs, each in its own shuffled order, which must be the same in both.
+    """
+    flags = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu",
+             "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--dropout", "0"]
+    finetune_llava.main(flags + ["--out", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_llava.py",
+           *flags, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
+    one, two = (json.loads((tmp_path / d / "adapters.json").read_text()) for d in ("one", "two"))
+    assert (one["processes"], two["processes"], one["steps"], two["steps"]) == (1, 2, 4, 4)
+    expected, got = (torch.load(tmp_path / d / "adapters.pt") for d in ("one", "two"))
+    assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
