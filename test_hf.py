@@ -204,6 +204,26 @@ def test_cached_generation_equals_uncached_and_teacher_forcing():
         assert torch.equal(layer.last_routing.index_a, a) and torch.equal(layer.last_routing.index_b, b)
 
 
+def test_generation_after_an_inner_context_equals_generation_in_a_fresh_one():
+    # A nested context (a user's own routing_mask around a forward, a Trainer wrapping two
+    # methods) must give back the outer mask: otherwise the outer prompt's forward would route on
+    # every position and each decode step on its one new token, silently.
+    model, batch, other = with_mixlora(tiny_llava()), prompts(seed=0), prompts(seed=1, text=7)
+    with routing_mask(model, batch["attention_mask"].bool()):
+        fresh = greedy(model, batch, use_cache=True)
+    with routing_mask(model, batch["attention_mask"].bool()):
+        with routing_mask(model, other["attention_mask"].bool()), torch.no_grad():
+            model(**other)  # routes on its own prompt, of another length
+        nested = greedy(model, batch, use_cache=True)
+        held = [m.held.index_a for m in mixlora_layers(model)]
+    with routing_mask(model, batch["attention_mask"].bool()), torch.no_grad():
+        model(**batch)
+        assert all(torch.equal(m.held.index_a, a) for m, a in zip(mixlora_layers(model), held))
+    assert torch.equal(nested, fresh)
+    outside = greedy(model, batch, use_cache=True)  # no context: every step re-routes on its own token
+    assert not torch.equal(outside, fresh)  # which is why it matters
+
+
 def test_decode_steps_hold_the_prompts_routing_and_would_not_without_the_mask():
     model, batch = with_mixlora(tiny_llava()), prompts(N=4)
     seen = record_routing(model)
