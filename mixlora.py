@@ -145,9 +145,9 @@ class MixLoRALinear(_LowRankAdapter):
     gradient through the routing): the behaviour of the authors' released code.
 
     scores="sigmoid" (not the paper; see SCORES) replaces the softmax over E by one sigmoid per
-    factor in p^A, p^B and the CFS term. Why: with straight-through gates, a softmax lets the
-    first chosen factor take the score, and the other r - 1 keep p ≈ 0 and almost no gradient
-    (the README's mechanism section measures it). Selection, order, gates and forward are the same.
+    factor in p^A, p^B and the CFS term. Why: with straight-through gates, a softmax lets one
+    chosen factor take the score, and the other r - 1 keep p ≈ 0 and almost no gradient (the
+    README's mechanism section measures it). Selection, order, gates and forward are the same.
     """
 
     def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None = None,
