@@ -16,9 +16,10 @@ sigmoid scores), MixLoRA with oracle routing (task k gets its own r factors in e
 ceiling for routing, as in mechanism.py), and per-task LoRA r=4 specialists (each on its task
 alone, for steps/K steps: the examples of its task the mixture gives). Exact match of the greedy
 answer on new images, seen and held-out phrasings. The conflict is measured, not assumed: the
-cosine between the tasks' gradients on LoRA r=4's adapters at 1/4 of its schedule
-(analysis.gradient_cosines) must fall as κ rises. Next to the toy's gaps, mechanism.py's
-prediction for the same K (at s = 2, a task readable from x̄).
+cosine between the tasks' gradients on LoRA r=4's adapters (analysis.gradient_cosines), at the
+start and at 1/4 of the schedule. Whether trained routing tells the tasks apart, as the oracle
+does, is measured too (routing_separation). Next to the toy's gaps, mechanism.py's prediction
+for the same K (at s = 2, a task readable from x̄).
 """
 
 import argparse
@@ -138,19 +139,40 @@ def accuracy(label: str, num_tasks: int, conflict: float, seed: int, common: arg
     return result
 
 
-def gradient_conflict(num_tasks: int, conflict: float, common: argparse.Namespace) -> dict[str, float]:
-    """How much the tasks' gradients disagree, on LoRA r=4's adapters at 1/4 of its schedule
-    (seed 0): the mean off-diagonal cosine over every block's A and B matrices (analysis.
-    gradient_cosines), and the diagonal, where two batches of one task agree: its noise ceiling."""
-    tasks = list(toy_tasks.conflict_tasks(num_tasks, conflict).values())
-    size = 16 if common.quick else 64
+def at_init(label: str, seed: int, common: argparse.Namespace) -> TinyMLLM:
+    """A method's adapters as they start, untrained, on the shared stage-1 base."""
+    args = analysis.toy_args(METHODS[label] + ["--seed", "0"], common)
+    base, _ = train_toy.base_model(args, TOK, rank=0)
+    args.seed = seed
+    return train_toy.adapt(base, args, args.methods[0]).eval()
+
+
+def gradient_conflict(model: TinyMLLM, tasks: list[toy_tasks.Task], quick: bool, parts: str = "AB") -> dict[str, float]:
+    """How much the tasks' gradients disagree on LoRA's adapters: the mean off-diagonal cosine over
+    the blocks' A and/or B matrices (analysis.gradient_cosines; the most negative block's too), and
+    the diagonal, where two batches of one task agree: the ceiling that gradient noise leaves."""
+    size = 16 if quick else 64
     batches = [{t.name: [toy_tasks.sample(t, random.Random(f"{tag}-conflict-{t.name}-{i}")) for i in range(size)]
                 for t in tasks} for tag in ("grad", "eval")]
-    model, args = trained("LoRA r=4", num_tasks, conflict, 0, common, until=max(1, analysis.toy_args([], common).steps // 4))
-    cosines = analysis.gradient_cosines(lambda d: analysis.example_losses(model, d), *batches, analysis.adapter_groups(model))
+    groups = {name: group for name, group in analysis.adapter_groups(model).items() if name[-1] in parts}
+    cosines = analysis.gradient_cosines(lambda d: analysis.example_losses(model, d), *batches, groups)
     off = [c[~np.eye(len(c), dtype=bool)].mean() for c in cosines.values()]
     return {"off_diagonal": float(np.mean(off)), "off_diagonal_min": float(np.min(off)),
             "diagonal": float(np.mean([np.diag(c).mean() for c in cosines.values()]))}
+
+
+def routing_separation(model: TinyMLLM, tasks: list[toy_tasks.Task]) -> dict[str, float]:
+    """Do the routers tell the tasks apart? The mean Jaccard similarity of two instances' selections
+    (S^A and S^B of every MixLoRA linear of a block, analysis.selections) within a task and between
+    tasks, averaged over the blocks: 1 and 0 for the oracle; equal when routing is blind to the task."""
+    per_task = 32
+    examples = [e for t in tasks for e in evaluation_sets([t], per_task)[t.name, "seen"]]
+    labels = np.repeat(np.arange(len(tasks)), per_task)
+    same, other = labels[:, None] == labels[None, :], ~np.eye(len(labels), dtype=bool)
+    hots = analysis.selections(model, examples, list(range(len(model.layers))))
+    sims = [1 - analysis.jaccard_distances(hot) for hot in hots.values()]
+    return {"within": float(np.mean([s[same & other].mean() for s in sims])),
+            "between": float(np.mean([s[~same].mean() for s in sims]))}
 
 
 def prediction(num_tasks: int, conflict: float, seeds: list[int], quick: bool) -> dict[str, list[float]]:
@@ -190,11 +212,23 @@ def tables(results: dict) -> str:
         gaps = {m: [seen(r) - b for r, b in zip(point[m], base)] for m in METHODS if m != "LoRA r=4"}
         lines.append(f"| {K} | {kappa} | " + " | ".join(f"{np.mean(g):+.1f} ({sum(x > 0 for x in g)}/{len(g)})"
                                                    for g in gaps.values()) + " |")
-    lines += ["", "Gradient conflict between the tasks (LoRA r=4 at 1/4 of its schedule, seed 0; cosine of the tasks' "
-              "gradients on each block's A and B, averaged): off-diagonal mean (the most negative block), diagonal "
-              "(two batches of one task):", "", "| K | κ | off-diagonal | diagonal |", "|---|---|---|---|"]
+    lines += ["", "Gradient conflict between the tasks, on LoRA r=4's adapters (seed 0): the cosine of two tasks' "
+              "gradients, mean over the off-diagonal pairs and the blocks (in brackets: the most negative block), "
+              "and the diagonal (two batches of one task: the noise ceiling); at the start (the B matrices: A's "
+              "gradient is zero while B = 0) and at 1/4 of the schedule (A and B):", "",
+              "| K | κ | start: off-diagonal | start: diagonal | 1/4: off-diagonal | 1/4: diagonal |", "|---|---|---|---|---|---|"]
     for key, g in results["cosine"].items():
-        lines.append(f"| {key.replace(',', ' | ')} | {g['off_diagonal']:.3f} ({g['off_diagonal_min']:.3f}) | {g['diagonal']:.3f} |")
+        s, q = g["start"], g["quarter"]
+        lines.append(f"| {key.replace(',', ' | ')} | {s['off_diagonal']:.3f} ({s['off_diagonal_min']:.3f}) | {s['diagonal']:.3f} "
+                     f"| {q['off_diagonal']:.3f} ({q['off_diagonal_min']:.3f}) | {q['diagonal']:.3f} |")
+    separated = list(next(iter(results["separation"].values())))
+    lines += ["", "Do the routers tell the tasks apart? Mean Jaccard similarity of two instances' selections within a "
+              "task / between tasks, over every block (mean over seeds; the oracle: 1 / 0):", "",
+              "| K | κ | " + " | ".join(separated) + " |", "|---|---|" + "---|" * len(separated)]
+    for key, point in results["separation"].items():
+        lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(
+            f"{np.mean([r['within'] for r in runs]):.2f} / {np.mean([r['between'] for r in runs]):.2f}"
+            for runs in point.values()) + " |")
     lines += ["", "mechanism.py at the same K and κ (s = 2): unexplained fraction, mean ± std over the seeds:", "",
               "| K | κ | " + " | ".join(next(iter(results["prediction"].values()))) + " |",
               "|---|---|" + "---|" * len(next(iter(results["prediction"].values())))]
@@ -293,12 +327,20 @@ def main(argv: list[str] | None = None) -> dict:
     common.toy_flags = ["--steps", str(common.steps)]
     start = time.time()
     results: dict = {"K": Ks, "conflicts": list(kappas), "seeds": seeds, "steps": common.steps,
-                     "runs": {}, "cosine": {}, "prediction": {}}
+                     "runs": {}, "cosine": {}, "separation": {}, "prediction": {}}
     for K in Ks:
         for kappa in kappas:
             key = f"{K},{kappa:g}"
-            results["cosine"][key] = gradient_conflict(K, kappa, common)
+            tasks = list(toy_tasks.conflict_tasks(K, kappa).values())
+            # At the start only B has a gradient (A's is zero while B = 0); at 1/4 of the schedule, both.
+            quarter, _ = trained("LoRA r=4", K, kappa, 0, common, until=max(1, common.steps // 4))
+            results["cosine"][key] = {"start": gradient_conflict(at_init("LoRA r=4", 0, common), tasks, common.quick, "B"),
+                                      "quarter": gradient_conflict(quarter, tasks, common.quick)}
             results["runs"][key] = {label: [accuracy(label, K, kappa, seed, common) for seed in seeds] for label in METHODS}
+            results["separation"][key] = {label: [routing_separation(trained(label, K, kappa, seed, common)[0], tasks)
+                                                  for seed in seeds] for label in ROUTED}
+            results["separation"][key]["untrained routers"] = [
+                routing_separation(at_init("MixLoRA E=16 r=4", seed, common), tasks) for seed in seeds]
             results["prediction"][key] = prediction(K, kappa, seeds, common.quick)
     results["wall_s"] = time.time() - start
     results["torch"], results["threads"] = torch.__version__, torch.get_num_threads()

@@ -81,11 +81,15 @@ def test_quick_run_writes_its_tables_and_figure(tmp_path):
         assert list(point) == list(conflict.METHODS)
         for runs in point.values():
             assert len(runs) == 2 and all(sorted(r["seen"]) == sorted(r["heldout"]) == ["house", "tree"] for r in runs)
-    for cos in results["cosine"].values():
-        assert -1 <= cos["off_diagonal_min"] <= cos["off_diagonal"] <= 1 and -1 <= cos["diagonal"] <= 1
+    for point in results["cosine"].values():
+        for cos in point.values():
+            assert -1 <= cos["off_diagonal_min"] <= cos["off_diagonal"] <= 1 and -1 <= cos["diagonal"] <= 1
+    for point in results["separation"].values():
+        assert [r["within"] for r in point["MixLoRA oracle routing"]] == [1.0, 1.0]  # its own factors, always
+        assert [r["between"] for r in point["MixLoRA oracle routing"]] == [0.0, 0.0]  # and no other task's
     for p in results["prediction"].values():  # mechanism.py's oracle fits where LoRA r=q cannot (κ = 1)
         assert max(p["oracle routing"]) < 0.1
     assert min(results["prediction"]["2,1"]["LoRA r=q"]) > 0.4
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n| 2 | 0 | ") == table.count("\n| 2 | 1 | ") == 5  # a row in each of the five tables
+    assert table.count("\n| 2 | 0 | ") == table.count("\n| 2 | 1 | ") == 6  # a row in each of the six tables
     assert Image.open(tmp_path / "gap.png").size[0] > 600
