@@ -38,7 +38,7 @@ import cli
 import mechanism
 import toy_tasks
 import train_toy
-from mixlora import _replace_linears, mark_only_adapters_trainable
+from mixlora import MixLoRALinear, _replace_linears, mark_only_adapters_trainable
 from tiny_mllm import TinyMLLM
 
 TOK = analysis.TOK
@@ -161,18 +161,51 @@ def gradient_conflict(model: TinyMLLM, tasks: list[toy_tasks.Task], quick: bool,
             "diagonal": float(np.mean([np.diag(c).mean() for c in cosines.values()]))}
 
 
-def routing_separation(model: TinyMLLM, tasks: list[toy_tasks.Task]) -> dict[str, float]:
+def routing_separation(model: TinyMLLM, tasks: list[toy_tasks.Task]) -> dict[str, float | list[float]]:
     """Do the routers tell the tasks apart? The mean Jaccard similarity of two instances' selections
     (S^A and S^B of every MixLoRA linear of a block, analysis.selections) within a task and between
-    tasks, averaged over the blocks: 1 and 0 for the oracle; equal when routing is blind to the task."""
+    tasks, averaged over the blocks: 1 and 0 for the oracle; equal when routing is blind to the task.
+
+    And could they? "signal": per block, how far apart the tasks' x̄ are (x̄: the prompt-masked
+    mean of the input of the block's first adapted linear, what its router reads): the distance of
+    two tasks' centroids in units of the within-task spread along the line through them (d'),
+    averaged over the pairs of tasks. In mechanism.py, d' = s·√(2T): 8 at s = 2, 2 at s = 0.5.
+    """
     per_task = 32
     examples = [e for t in tasks for e in evaluation_sets([t], per_task)[t.name, "seen"]]
     labels = np.repeat(np.arange(len(tasks)), per_task)
     same, other = labels[:, None] == labels[None, :], ~np.eye(len(labels), dtype=bool)
-    hots = analysis.selections(model, examples, list(range(len(model.layers))))
+    firsts = [next(m for m in block.modules() if isinstance(m, MixLoRALinear)) for block in model.layers]
+    seen: dict[int, np.ndarray] = {}
+
+    def keep_x_bar(block: int):
+        def hook(layer: MixLoRALinear, inputs: tuple, output: torch.Tensor) -> None:
+            m = layer.mask.to(inputs[0].dtype)  # (N, T): the prompt, as routing_mask set it
+            seen[block] = ((m[..., None] * inputs[0]).sum(1) / m.sum(1, keepdim=True)).cpu().numpy()  # (N, d_in)
+        return hook
+
+    hooks = [layer.register_forward_hook(keep_x_bar(b)) for b, layer in enumerate(firsts)]
+    hots = analysis.selections(model, examples, list(range(len(model.layers))))  # one forward (≤ 256 examples)
+    for h in hooks:
+        h.remove()
     sims = [1 - analysis.jaccard_distances(hot) for hot in hots.values()]
     return {"within": float(np.mean([s[same & other].mean() for s in sims])),
-            "between": float(np.mean([s[~same].mean() for s in sims]))}
+            "between": float(np.mean([s[~same].mean() for s in sims])),
+            "signal": [d_prime(seen[b], labels) for b in range(len(model.layers))]}
+
+
+def d_prime(x: np.ndarray, labels: np.ndarray) -> float:
+    """(n, d) points in groups: the distance between two groups' centroids in units of the points'
+    spread around them along the line through the centroids, averaged over the pairs of groups."""
+    groups = np.unique(labels)
+    centroids = {k: x[labels == k].mean(0) for k in groups}
+    pairs = []
+    for i, j in [(i, j) for i in groups for j in groups if i < j]:
+        gap = np.linalg.norm(centroids[i] - centroids[j])
+        line = (centroids[i] - centroids[j]) / gap
+        spread = np.concatenate([(x[labels == k] - centroids[k]) @ line for k in (i, j)]).std()
+        pairs.append(gap / spread)
+    return float(np.mean(pairs))
 
 
 def prediction(num_tasks: int, conflict: float, seeds: list[int], quick: bool) -> dict[str, list[float]]:
@@ -229,6 +262,12 @@ def tables(results: dict) -> str:
         lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(
             f"{np.mean([r['within'] for r in runs]):.2f} / {np.mean([r['between'] for r in runs]):.2f}"
             for runs in point.values()) + " |")
+    lines += ["", "Could they? The task signal in x̄, per block: d', the distance between two tasks' mean x̄ in units "
+              "of their spread along that line (mean over task pairs and seeds; mechanism.py's d' = s·√(2T) is 8 "
+              "at s = 2, 2 at s = 0.5):", "", "| K | κ | " + " | ".join(separated) + " |", "|---|---|" + "---|" * len(separated)]
+    for key, point in results["separation"].items():
+        lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(
+            " · ".join(f"{v:.1f}" for v in np.mean([r["signal"] for r in runs], axis=0)) for runs in point.values()) + " |")
     lines += ["", "mechanism.py at the same K and κ (s = 2): unexplained fraction, mean ± std over the seeds:", "",
               "| K | κ | " + " | ".join(next(iter(results["prediction"].values()))) + " |",
               "|---|---|" + "---|" * len(next(iter(results["prediction"].values())))]

@@ -3,6 +3,7 @@
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -74,6 +75,15 @@ def test_oracle_gives_each_task_its_own_factors_in_training_and_generation():
     assert all(torch.equal(m.last_routing.index_a, expected.flip(0)) for m in layers)  # the prefill, routed by task
 
 
+def test_d_prime_is_the_centroid_distance_in_units_of_the_spread():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (4000, 16)), rng.normal(0, 1, (4000, 16)) + 3 * np.eye(16)[0]])
+    labels = np.repeat([0, 1], 4000)
+    assert conflict.d_prime(x, labels) == pytest.approx(3, abs=0.1)
+    assert conflict.d_prime(x * 5, labels) == pytest.approx(3, abs=0.1)  # units of the spread
+    assert conflict.d_prime(rng.normal(0, 1, (8000, 16)), labels) < 0.2  # no signal
+
+
 def test_quick_run_writes_its_tables_and_figure(tmp_path):
     results = conflict.main(["--quick", "--seeds", "0,1", "--out", str(tmp_path), "--checkpoints", str(tmp_path)])
     assert list(results["runs"]) == ["2,0", "2,1"]
@@ -91,5 +101,5 @@ def test_quick_run_writes_its_tables_and_figure(tmp_path):
         assert max(p["oracle routing"]) < 0.1
     assert min(results["prediction"]["2,1"]["LoRA r=q"]) > 0.4
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n| 2 | 0 | ") == table.count("\n| 2 | 1 | ") == 6  # a row in each of the six tables
+    assert table.count("\n| 2 | 0 | ") == table.count("\n| 2 | 1 | ") == 7  # a row in each of the seven tables
     assert Image.open(tmp_path / "gap.png").size[0] > 600
