@@ -208,12 +208,19 @@ def d_prime(x: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(pairs))
 
 
-def prediction(num_tasks: int, conflict: float, seeds: list[int], quick: bool) -> dict[str, list[float]]:
-    """mechanism.py at the same K and κ, s = 2: the unexplained fraction of LoRA r=q and MixLoRA."""
-    cfg = mechanism.Config(num_tasks=num_tasks, conflict=conflict, signal=2.0)
-    cfg = replace(cfg, steps=40, log_every=40, eval_instances=128) if quick else replace(cfg, log_every=cfg.steps)
-    return {m: [mechanism.run(m, cfg, seed)["error"] for seed in seeds]
-            for m in ["LoRA r=q", "MixLoRA", "MixLoRA sigmoid scores", "oracle routing"]}
+SIGNALS = (2.0, 0.5)  # mechanism.py's s for the prediction: a task x̄ shows clearly (d' = 8), and faintly (d' = 2)
+
+
+def prediction(num_tasks: int, conflict: float, seeds: list[int], quick: bool) -> dict[str, dict[str, list[float]]]:
+    """mechanism.py at the same K and κ, at each of SIGNALS: the unexplained fraction of LoRA r=q,
+    MixLoRA (softmax and sigmoid scores) and oracle routing, {"s=2": {method: [per seed]}, ...}."""
+    predicted = {}
+    for s in SIGNALS:
+        cfg = mechanism.Config(num_tasks=num_tasks, conflict=conflict, signal=s)
+        cfg = replace(cfg, steps=40, log_every=40, eval_instances=128) if quick else replace(cfg, log_every=cfg.steps)
+        predicted[f"s={s:g}"] = {m: [mechanism.run(m, cfg, seed)["error"] for seed in seeds]
+                                 for m in ["LoRA r=q", "MixLoRA", "MixLoRA sigmoid scores", "oracle routing"]}
+    return predicted
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -268,11 +275,12 @@ def tables(results: dict) -> str:
     for key, point in results["separation"].items():
         lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(
             " · ".join(f"{v:.1f}" for v in np.mean([r["signal"] for r in runs], axis=0)) for runs in point.values()) + " |")
-    lines += ["", "mechanism.py at the same K and κ (s = 2): unexplained fraction, mean ± std over the seeds:", "",
-              "| K | κ | " + " | ".join(next(iter(results["prediction"].values()))) + " |",
-              "|---|---|" + "---|" * len(next(iter(results["prediction"].values())))]
-    for key, p in results["prediction"].items():
-        lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(cell(v, 3) for v in p.values()) + " |")
+    methods = list(next(iter(next(iter(results["prediction"].values())).values())))
+    lines += ["", "mechanism.py at the same K and κ, at s = 2 and s = 0.5: unexplained fraction, mean ± std over "
+              "the seeds:", "", "| K | κ | s | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for key, by_signal in results["prediction"].items():
+        for s, p in by_signal.items():
+            lines.append(f"| {key.replace(',', ' | ')} | {s[2:]} | " + " | ".join(cell(v, 3) for v in p.values()) + " |")
     lines += ["", "Router collapse of the trained MixLoRA rows, mean over blocks and seeds: top-1 share of the chosen "
               "p^A / effective chosen factors (of r):", "", "| K | κ | " + " | ".join(ROUTED[:2]) + " |", "|---|---|---|---|"]
     for key, point in results["runs"].items():
@@ -291,8 +299,9 @@ COLOURS = {"LoRA r=16": (0, 0, 0), "MixLoRA E=16 r=4": (31, 119, 180), "MixLoRA 
 def figure(results: dict, path: Path) -> None:
     """Per K, two panels: the toy's seen-phrasing gap to LoRA r=4 over κ (mean, and a bar from the
     worst to the best seed), and mechanism.py's predicted gap (LoRA r=q's unexplained fraction
-    minus the method's, ×100: the points of the update it explains that LoRA does not)."""
-    Ks = sorted({int(k.split(",")[0]) for k in results["runs"]}, reverse=True)
+    minus the method's, ×100: the points of the update it explains that LoRA does not), at s = 2
+    (thick lines) and s = 0.5 (thin)."""
+    Ks = sorted({int(k.split(",")[0]) for k in results["runs"]})
     kappas = sorted({float(k.split(",")[1]) for k in results["runs"]})
     pw, ph, m = 360, 260, 60
     img = Image.new("RGB", (2 * pw + 40, len(Ks) * (ph + 50) + 30 + 18 * len(COLOURS)), "white")
@@ -300,21 +309,21 @@ def figure(results: dict, path: Path) -> None:
     font = mechanism.FONT
     for row, K in enumerate(Ks):
         panels = [(f"toy VLM, K = {K}: accuracy − LoRA r=4 (points)", "toy"),
-                  (f"mechanism.py, K = {K}, s = 2: explained − LoRA r=q (×100)", "mechanism")]
+                  (f"mechanism.py, K = {K}: explained − LoRA r=q (×100)", "mechanism")]
         for col, (title, kind) in enumerate(panels):
-            curves = {}
+            curves = {}  # (method, line width): gaps per κ, per seed
             for method in COLOURS:
                 if kind == "toy":
-                    gaps = [[seen(r) - seen(b) for r, b in zip(results["runs"][f"{K},{c:g}"][method],
-                                                              results["runs"][f"{K},{c:g}"]["LoRA r=4"])] for c in kappas]
-                else:
-                    name = {"MixLoRA E=16 r=4": "MixLoRA", "MixLoRA E=16 r=4, sigmoid scores": "MixLoRA sigmoid scores",
-                            "MixLoRA oracle routing": "oracle routing"}.get(method)
-                    if name is None:
-                        continue
-                    p = [results["prediction"][f"{K},{c:g}"] for c in kappas]
-                    gaps = [[100 * (a - b) for a, b in zip(q["LoRA r=q"], q[name])] for q in p]
-                curves[method] = gaps
+                    curves[method, 2] = [[seen(r) - seen(b) for r, b in zip(results["runs"][f"{K},{c:g}"][method],
+                                                                           results["runs"][f"{K},{c:g}"]["LoRA r=4"])]
+                                         for c in kappas]
+                    continue
+                name = {"MixLoRA E=16 r=4": "MixLoRA", "MixLoRA E=16 r=4, sigmoid scores": "MixLoRA sigmoid scores",
+                        "MixLoRA oracle routing": "oracle routing"}.get(method)
+                for s, width in zip(SIGNALS, (2, 1)):
+                    if name is not None:
+                        p = [results["prediction"][f"{K},{c:g}"][f"s={s:g}"] for c in kappas]
+                        curves[method, width] = [[100 * (a - b) for a, b in zip(q["LoRA r=q"], q[name])] for q in p]
             lo = min(0.0, *(min(g) for gaps in curves.values() for g in gaps)) - 2
             hi = max(0.0, *(max(g) for gaps in curves.values() for g in gaps)) + 2
             x0, y0 = col * (pw + 20) + m, row * (ph + 50) + 30
@@ -330,17 +339,20 @@ def figure(results: dict, path: Path) -> None:
                 draw.text((x0 - 50, to_y(v) - 7), f"{v:+.0f}", fill="black", font=font)
             for i, c in enumerate(kappas):
                 draw.text((x0 + i / (len(kappas) - 1) * (x1 - x0) - 8, y1 + 4), f"κ={c:g}", fill="black", font=font)
-            for j, (method, gaps) in enumerate(curves.items()):
-                xs = [x0 + i / (len(kappas) - 1) * (x1 - x0) + 3 * (j - 2) for i in range(len(kappas))]
-                draw.line([(x, to_y(np.mean(g))) for x, g in zip(xs, gaps)], fill=COLOURS[method], width=2)
+            for j, ((method, width), gaps) in enumerate(curves.items()):
+                xs = [x0 + i / (len(kappas) - 1) * (x1 - x0) + 3 * (j % 5 - 2) for i in range(len(kappas))]
+                draw.line([(x, to_y(np.mean(g))) for x, g in zip(xs, gaps)], fill=COLOURS[method], width=width)
                 for x, g in zip(xs, gaps):
                     draw.line((x, to_y(min(g)), x, to_y(max(g))), fill=COLOURS[method], width=1)
-                    draw.ellipse((x - 3, to_y(np.mean(g)) - 3, x + 3, to_y(np.mean(g)) + 3), fill=COLOURS[method])
+                    dot = (x - 3, to_y(np.mean(g)) - 3, x + 3, to_y(np.mean(g)) + 3)
+                    draw.ellipse(dot, fill=COLOURS[method] if width == 2 else "white", outline=COLOURS[method])
     for j, (method, colour) in enumerate(COLOURS.items()):
         y = len(Ks) * (ph + 50) + 10 + 18 * j
         draw.line((20, y + 7, 44, y + 7), fill=colour, width=3)
         draw.text((50, y), method + (" (toy only)" if method in ("LoRA r=16", "LoRA specialists r=4") else ""),
                   fill="black", font=font)
+    draw.text((pw + 80, len(Ks) * (ph + 50) + 10), "mechanism.py: thick s = 2 (d' = 8), thin s = 0.5 (d' = 2)",
+              fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 

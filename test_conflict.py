@@ -97,9 +97,9 @@ def test_quick_run_writes_its_tables_and_figure(tmp_path):
     for point in results["separation"].values():
         assert [r["within"] for r in point["MixLoRA oracle routing"]] == [1.0, 1.0]  # its own factors, always
         assert [r["between"] for r in point["MixLoRA oracle routing"]] == [0.0, 0.0]  # and no other task's
-    for p in results["prediction"].values():  # mechanism.py's oracle fits where LoRA r=q cannot (κ = 1)
-        assert max(p["oracle routing"]) < 0.1
-    assert min(results["prediction"]["2,1"]["LoRA r=q"]) > 0.4
+    for by_signal in results["prediction"].values():  # mechanism.py's oracle fits where LoRA r=q cannot (κ = 1)
+        assert list(by_signal) == ["s=2", "s=0.5"] and all(max(p["oracle routing"]) < 0.1 for p in by_signal.values())
+    assert min(results["prediction"]["2,1"]["s=2"]["LoRA r=q"]) > 0.4
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n| 2 | 0 | ") == table.count("\n| 2 | 1 | ") == 7  # a row in each of the seven tables
+    assert table.count("\n| 2 | 0 | ") == table.count("\n| 2 | 1 | ") == 8  # a row in each of the seven tables, two in the prediction's
     assert Image.open(tmp_path / "gap.png").size[0] > 600
