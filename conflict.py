@@ -351,8 +351,8 @@ def figure(results: dict, path: Path) -> None:
         draw.line((20, y + 7, 44, y + 7), fill=colour, width=3)
         draw.text((50, y), method + (" (toy only)" if method in ("LoRA r=16", "LoRA specialists r=4") else ""),
                   fill="black", font=font)
-    draw.text((pw + 80, len(Ks) * (ph + 50) + 10), "mechanism.py: thick s = 2 (d' = 8), thin s = 0.5 (d' = 2)",
-              fill="black", font=font)
+    draw.text((pw - 20, len(Ks) * (ph + 50) + 10), "mechanism.py: thick s = 2 (d' = 8),", fill="black", font=font)
+    draw.text((pw - 20, len(Ks) * (ph + 50) + 28), "thin s = 0.5 (d' = 2)", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
