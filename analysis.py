@@ -49,15 +49,21 @@ def trained(flags: list[str], common: argparse.Namespace, seed: int = 0,
     method = args.methods[0]
     model = train_toy.adapt(base, args, method)
     name = train_toy.run_name(args, method) + (f"-until{until}" if until else "")
-    ckpt = Path(args.checkpoints) / "analysis" / f"{name}.ckpt"
+    train_or_load(model, name, args, Path(args.checkpoints) / "analysis" / f"{name}.ckpt", args.steps, until)
+    return model.eval(), args
+
+
+def train_or_load(model: TinyMLLM, name: str, args: argparse.Namespace, ckpt: Path, steps: int,
+                  until: int | None = None, tasks: list[toy_tasks.Task] | None = None) -> None:
+    """Stage 2 of model (train_toy.train) into ckpt: read back if it finished with this recipe,
+    resumed if it was killed, trained from the start otherwise."""
     saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
     same = saved is not None and saved["recipe"] == train_toy.recipe(args)
-    if same and saved["step"] == (until or args.steps):
+    if same and saved["step"] == (until or steps):
         train_toy.load_trainable_state(model, "instruct", saved["trainable"])
     else:
         args.resume = same  # continue a killed sweep where it stopped
-        train_toy.train(model, "instruct", name, args, TOK, args.steps, args.lr, ckpt, until=until)
-    return model.eval(), args
+        train_toy.train(model, "instruct", name, args, TOK, steps, args.lr, ckpt, until=until, tasks=tasks)
 
 
 def task_batches(size: int, tag: str, heldout: bool = False) -> dict[str, list[toy_tasks.Example]]:

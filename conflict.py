@@ -19,7 +19,7 @@ answer on new images, seen and held-out phrasings. The conflict is measured, not
 cosine between the tasks' gradients on LoRA r=4's adapters (analysis.gradient_cosines), at the
 start and at 1/4 of the schedule. Whether trained routing tells the tasks apart, as the oracle
 does, is measured too (routing_separation). Next to the toy's gaps, mechanism.py's prediction
-for the same K (at s = 2, a task readable from x̄).
+for the same K, with a task x̄ shows clearly (s = 2) and faintly (s = 0.5).
 """
 
 import argparse
@@ -107,14 +107,7 @@ def trained(label: str, num_tasks: int, conflict: float, seed: int, common: argp
     name = (train_toy.run_name(args, method).replace(f"-steps{args.steps}", f"-steps{steps}")
             + f"-K{num_tasks}-conflict{conflict:g}" + (f"-{tasks[0].name}" if len(tasks) < len(all_tasks) else "")
             + (f"-until{until}" if until else ""))
-    ckpt = Path(args.checkpoints) / "conflict" / f"{name}.ckpt"
-    saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    same = saved is not None and saved["recipe"] == train_toy.recipe(args)
-    if same and saved["step"] == (until or steps):
-        train_toy.load_trainable_state(model, "instruct", saved["trainable"])
-    else:
-        args.resume = same
-        train_toy.train(model, "instruct", name, args, TOK, steps, args.lr, ckpt, until=until, tasks=tasks)
+    analysis.train_or_load(model, name, args, Path(args.checkpoints) / "conflict" / f"{name}.ckpt", steps, until, tasks)
     return model.eval(), args
 
 
