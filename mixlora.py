@@ -26,9 +26,11 @@ then the helpers that put adapters into a model, route it on a prompt mask and s
 """
 
 import math
+import os
 import re
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple, Sequence
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -128,7 +130,7 @@ def _gather(pool: Tensor, index: Tensor) -> Tensor:
 
 
 # How a router's logits z (N, E) become the scores p that top-r ranks and the gates carry:
-# "softmax" over the E factors is the paper's (METHOD.md); "sigmoid" scores each factor on its
+# "softmax" over the E factors is the paper's (docs/method.md §3.2); "sigmoid" scores each factor on its
 # own, p_e = σ(z_e), so that raising one chosen factor's p does not lower the others' (below).
 SCORES = {"softmax": lambda z: torch.softmax(z, dim=-1), "sigmoid": torch.sigmoid}
 
@@ -146,8 +148,8 @@ class MixLoRALinear(_LowRankAdapter):
 
     scores="sigmoid" (not the paper; see SCORES) replaces the softmax over E by one sigmoid per
     factor in p^A, p^B and the CFS term. Why: with straight-through gates, a softmax lets one
-    chosen factor take the score, and the other r - 1 keep p ≈ 0 and almost no gradient (the
-    README's mechanism section measures it). Selection, order, gates and forward are the same.
+    chosen factor take the score, and the other r - 1 keep p ≈ 0 and almost no gradient (measured
+    in experiments/results/mechanism/). Selection, order, gates and forward are the same.
     """
 
     def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None = None,
@@ -201,15 +203,19 @@ class MixLoRALinear(_LowRankAdapter):
             score = SCORES[self.scores]  # softmax over the E factors (the paper), or σ per factor
             # IFS: p^A = softmax(R^A x̄), S^A = top-r, in canonical (ascending) order.
             p_a = score(x_bar @ self.router_A.to(dtype).T)  # (N, E)
-            index_a = p_a.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
+            index_a = self.top_r(p_a)  # (N, r)
             # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
             p_b = score(x_bar @ self.router_B.to(dtype).T)  # (N, E)
             if self.conditional:
                 p_b = p_b + self.cfs_weight * score(self.cfs_logits(index_a, dtype))
-            index_b = p_b.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
+            index_b = self.top_r(p_b)  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
             p_a, p_b = p_a.detach(), p_b.detach()
         return Routing(index_a, index_b, _straight_through(p_a, index_a), _straight_through(p_b, index_b), p_a, p_b)
+
+    def top_r(self, p: Tensor) -> Tensor:
+        """S = the r factors of largest score p (N, E), sorted ascending: the canonical order."""
+        return p.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
 
     def cfs_logits(self, index_a: Tensor, dtype: torch.dtype) -> Tensor:
         """CFS: c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}> for every instance's S^A (N, r) -> c (N, E).
@@ -229,12 +235,15 @@ class MixLoRALinear(_LowRankAdapter):
         """
         routing = self._routing(x, mask)
         x3 = x if x.dim() == 3 else x[:, None]  # (N, T, d_in)
-        A = _gather(self.lora_A, routing.index_a)  # (N, r, d_in): rows a_{S^A_j}
-        B = _gather(self.lora_B.T, routing.index_b)  # (N, r, d_out): columns b_{S^B_j}
+        A, B = self.factors(routing)  # (N, r, d_in), (N, r, d_out)
         h = torch.bmm(self.dropout(x3), A.transpose(1, 2))  # (N, T, r)
         w = routing.gate_a * routing.gate_b  # (N, r), exactly 1 in value
         delta = torch.bmm(h * w[:, None, :].to(h.dtype), B)  # (N, T, d_out)
         return self.base(x) + self.scaling * delta.view(*x.shape[:-1], -1)
+
+    def factors(self, routing: Routing) -> tuple[Tensor, Tensor]:
+        """Each instance's chosen factors: rows a_{S^A_j} (N, r, d_in) and columns b_{S^B_j} (N, r, d_out)."""
+        return _gather(self.lora_A, routing.index_a), _gather(self.lora_B.T, routing.index_b)
 
     def _routing(self, x: Tensor, mask: Tensor | None) -> Routing:
         """route(x, mask); inside routing_mask(model, mask), the rule that makes generation route as training:
@@ -271,8 +280,7 @@ class MixLoRALinear(_LowRankAdapter):
         For teaching and tests: slow on purpose; forward never builds it.
         """
         routing = self.route(x, mask)
-        A = _gather(self.lora_A, routing.index_a)  # (N, r, d_in)
-        B = _gather(self.lora_B.T, routing.index_b)  # (N, r, d_out)
+        A, B = self.factors(routing)  # (N, r, d_in), (N, r, d_out)
         w = routing.gate_a * routing.gate_b  # (N, r)
         delta = A.new_zeros(A.shape[0], self.out_features, self.in_features)  # (N, d_out, d_in)
         for j in range(self.rank):  # Σ_j over the r slots; ⊗ is the outer product b a^T
@@ -309,7 +317,7 @@ def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor
 # Putting adapters into a model, routing it on a prompt mask, training and saving them
 # ---------------------------------------------------------------------------------------------
 
-def _replace_linears(model: nn.Module, targets: Sequence[str] | str,
+def replace_linears(model: nn.Module, targets: Sequence[str] | str,
                      make: Callable[[nn.Linear], _LowRankAdapter]) -> nn.Module:
     """Swap every nn.Linear whose qualified name matches targets for make(linear), in place.
 
@@ -353,14 +361,14 @@ def _replace_linears(model: nn.Module, targets: Sequence[str] | str,
 def add_lora(model: nn.Module, targets: Sequence[str] | str, rank: int, alpha: float | None = None,
              dropout: float = 0.0) -> nn.Module:
     """Wrap the target nn.Linear layers of model in LoRALinear, in place; returns model."""
-    return _replace_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout))
+    return replace_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout))
 
 
 def add_mixlora(model: nn.Module, targets: Sequence[str] | str, num_factors: int, rank: int,
                 alpha: float | None = None, dropout: float = 0.0, conditional: bool = True,
                 cfs_weight: float = 1.0, router_grad: bool = True, scores: str = "softmax") -> nn.Module:
     """Wrap the target nn.Linear layers of model in MixLoRALinear, in place; returns model."""
-    return _replace_linears(model, targets, lambda base: MixLoRALinear(
+    return replace_linears(model, targets, lambda base: MixLoRALinear(
         base, num_factors, rank, alpha, dropout, conditional, cfs_weight, router_grad, scores))
 
 
@@ -424,3 +432,20 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> 
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(state_dict[k])
+
+
+def save_atomically(write: Callable[[BinaryIO], object], path: str | Path) -> None:
+    """write(f) into a temporary file, flush it to disk, then rename it to path: a crash mid-save
+    never leaves half a checkpoint, and never destroys the previous one.
+
+        save_atomically(lambda f: torch.save(adapter_state_dict(model), f), "adapters.pt")
+        torch.load("adapters.pt", weights_only=True)  # tensors only: safe for a file from elsewhere
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

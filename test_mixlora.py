@@ -1,4 +1,4 @@
-"""Property tests for mixlora.py: the equations of METHOD.md, checked over random shapes in float64."""
+"""Property tests for mixlora.py: the equations of docs/method.md, checked over random shapes in float64."""
 
 from dataclasses import dataclass
 
@@ -189,6 +189,23 @@ def test_routing_mask_contexts_nest_and_restore_the_outer_one():
     assert layer.mask is None and layer.held is None
 
 
+def test_a_context_starts_with_nothing_held_also_inside_another_one():
+    # An inner context that inherited the outer one's held routing would let a decode step before
+    # the inner prompt silently reuse the outer prompt's routing: it must be an error instead.
+    layer, x, outer_mask = build(Case(N=3, T=6, d_in=6, d_out=5, E=10, r=3, seed=4, conditional=True))
+    inner_mask = random_mask(3, 4, torch.Generator().manual_seed(3))
+    new_token = torch.randn(3, 1, 6, dtype=F64)
+    for contexts in (1, 2):  # a fresh context, and one inside a context that holds a routing
+        with routing_mask(layer, outer_mask):
+            layer(x)  # the outer prompt, routed and held
+            assert layer.held is not None
+            with routing_mask(layer, inner_mask) if contexts == 2 else routing_mask(layer, outer_mask):
+                assert layer.held is None
+                with pytest.raises(ValueError, match="no prompt has been routed inside this routing_mask"):
+                    layer(new_token)
+            assert layer.held is not None  # the outer one's comes back
+
+
 def test_checkpointing_backward_in_an_outer_context_after_an_inner_one():
     # The Hugging Face Trainer's case: the forward in an inner context (compute_loss), backward
     # after it has exited, in an outer one (training_step). The recomputation must route on the
@@ -259,7 +276,7 @@ def test_routers_get_gradients_and_unchosen_pool_rows_get_zero(c: Case):
 
 
 def papers_p(layer: MixLoRALinear, x: torch.Tensor, mask: torch.Tensor, index_a: torch.Tensor):
-    """p^A and p^B written out from METHOD.md (and its item 7 for scores="sigmoid"), for a layer and its S^A."""
+    """p^A and p^B written out from docs/method.md (§3.2-3.3, and §3.9 for scores="sigmoid"), for a layer and its S^A."""
     m = mask.to(x.dtype)
     x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True)  # the masked mean of x, not of dropout(x)
     if layer.scores == "softmax":

@@ -346,6 +346,12 @@ def sample(task: Task, rng: random.Random, heldout: bool = False) -> Example:
     return Example(task.name, image, template.format(**slots), answer)
 
 
+def samples(task: Task, n: int, key: str, heldout: bool = False) -> list[Example]:
+    """n examples of task, example i drawn from random.Random(f"{key}-{i}"): a fixed set that any
+    run can rebuild from its key, and that never meets a set of another key."""
+    return [sample(task, random.Random(f"{key}-{i}"), heldout) for i in range(n)]
+
+
 def sample_caption(rng: random.Random) -> Example:
     """Stage-1 alignment: the image of any task (held-out ones too), described whole."""
     task = rng.choice(list(TASKS.values()) + list(HELDOUT_TASKS.values()))

@@ -20,7 +20,6 @@ and writes the checkpoints, which every process reads (so --checkpoints must be 
 directory for multi-node runs and --resume).
 """
 
-import argparse
 import copy
 import json
 import math
@@ -28,6 +27,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,70 +38,113 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import toy_tasks
 from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
-                     mark_only_adapters_trainable)
+                     mark_only_adapters_trainable, save_atomically)
 from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer, answer_mask
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # every LM linear
 METHODS = ("lora", "mixlora")
-DEFAULT_LR = 2e-3
+TOK = Tokenizer(toy_tasks.vocabulary())
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class Config:
+    """One stage-2 run and the stage-1 base it starts from. The command line fills it (one per
+    --methods entry); the experiments derive theirs with dataclasses.replace(config, ...)."""
+    method: str = "mixlora"  # "lora" or "mixlora" (experiments add their own, e.g. "oracle")
+    rank: int = 4  # r, for LoRA and MixLoRA alike
+    factors: int = 16  # E, MixLoRA's factors per pool
+    conditional: bool = True  # CFS; False: IFS only (λ = 0, no W^CFS)
+    router_grad: bool = True  # False: routers frozen at their random init (the released code)
+    scores: str = "softmax"  # MixLoRA's router scores: "softmax" (the paper) or "sigmoid"
+    alpha: float | None = None  # the adapters' α (scale α/r); None: 2r
+    train_projector: bool = False  # also train the projector (LLaVA's recipe)
+    conflict: tuple[int, float] | None = None  # train on toy_tasks.conflict_tasks(K, κ), not the suite
+    tasks: tuple[str, ...] | None = None  # only these of the training suite's tasks (a specialist)
+    steps: int = 800  # stage 2
+    base_steps: int = 1500  # stage 1
+    batch_size: int = 64  # the global batch
+    lr: float = 2e-3  # stage 2's peak learning rate
+    seed: int = 0  # stage 1's init and data, stage 2's adapter init and data
+    quick: bool = False  # the smoke-test model
+    # Where and how to run, not what: not part of the recipe a checkpoint records.
+    device: str = "cpu"
+    eval_size: int = 100  # examples per task and template split
+    resume: bool = False  # continue from this run's last checkpoint
+    out: str = "runs"
+    checkpoints: str = "checkpoints"
+
+    @property
+    def scale_alpha(self) -> float:
+        return 2.0 * self.rank if self.alpha is None else self.alpha
+
+
+DEFAULT_LR = Config.lr
+
+
+def quick(config: Config) -> Config:
+    """The smoke-test run: the tiny model, a few steps, small batches and evaluation sets."""
+    return replace(config, quick=True, steps=12, base_steps=12, batch_size=16, eval_size=8)
+
+
+def parse_args(argv: list[str] | None = None) -> list[Config]:
+    """The command line, as one Config per --methods entry (they differ only in the method)."""
     p = cli.parser(__doc__)
     p.add_argument("--methods", default="lora,mixlora", help="comma-separated: lora, mixlora")
-    p.add_argument("--rank", type=cli.at_least(1), default=4, help="r, for LoRA and MixLoRA alike")
-    p.add_argument("--factors", type=cli.at_least(1), default=16, help="E, MixLoRA's factors per pool (>= r)")
+    p.add_argument("--rank", type=cli.at_least(1), default=Config.rank, help="r, for LoRA and MixLoRA alike")
+    p.add_argument("--factors", type=cli.at_least(1), default=Config.factors, help="E, MixLoRA's factors per pool (>= r)")
     p.add_argument("--no-cfs", action="store_true", help="MixLoRA with IFS only (λ = 0, no W^CFS)")
     p.add_argument("--frozen-routers", action="store_true", help="routers stay at their random init")
-    p.add_argument("--scores", default="softmax", choices=["softmax", "sigmoid"],
+    p.add_argument("--scores", default=Config.scores, choices=["softmax", "sigmoid"],
                    help="MixLoRA's router scores: softmax over E (the paper) or one sigmoid per factor")
     p.add_argument("--train-projector", action="store_true", help="also train the projector (LLaVA's recipe)")
     p.add_argument("--tasks", default=None, help="comma-separated: train on these tasks only (a per-task specialist)")
-    p.add_argument("--steps", type=cli.at_least(1), default=800, help="stage-2 steps")
-    p.add_argument("--base-steps", type=cli.at_least(1), default=1500, help="stage-1 steps")
-    p.add_argument("--batch-size", type=cli.at_least(1), default=64)
-    p.add_argument("--lr", type=cli.above(0.0), default=DEFAULT_LR, help="stage-2 peak learning rate")
+    p.add_argument("--steps", type=cli.at_least(1), default=Config.steps, help="stage-2 steps")
+    p.add_argument("--base-steps", type=cli.at_least(1), default=Config.base_steps, help="stage-1 steps")
+    p.add_argument("--batch-size", type=cli.at_least(1), default=Config.batch_size)
+    p.add_argument("--lr", type=cli.above(0.0), default=Config.lr, help="stage-2 peak learning rate")
     # α <= 0 is refused: α = 0 turns the adapters off, and α < 0 flips ΔW's sign for no reason.
     p.add_argument("--alpha", type=cli.above(0.0), default=None,
                    help="the adapters' α > 0, scale α/r (default 2r for both methods; the released MixLoRA uses 2E)")
-    p.add_argument("--seed", type=cli.at_least(0), default=0)
+    p.add_argument("--seed", type=cli.at_least(0), default=Config.seed)
     p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--eval-size", type=cli.at_least(1), default=100, help="examples per task and template split")
+    p.add_argument("--eval-size", type=cli.at_least(1), default=Config.eval_size, help="examples per task and template split")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke run")
     p.add_argument("--resume", action="store_true", help="continue from this run's last checkpoint")
-    p.add_argument("--out", default="runs", help="where the table and the JSON go")
-    p.add_argument("--checkpoints", default="checkpoints")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.base_steps, args.batch_size, args.eval_size = 12, 12, 16, 8
-    args.methods = args.methods.split(",")
-    args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
-    args.tasks = args.tasks.split(",") if args.tasks else list(toy_tasks.TASKS)
-    for task in args.tasks:
-        if task not in toy_tasks.TASKS:
-            p.error(f"argument --tasks: unknown task {task!r}; expected some of {', '.join(toy_tasks.TASKS)}")
-    for method in args.methods:
+    p.add_argument("--out", default=Config.out, help="where the table and the JSON go")
+    p.add_argument("--checkpoints", default=Config.checkpoints)
+    a = p.parse_args(argv)
+    methods = a.methods.split(",")
+    for method in methods:
         if method not in METHODS:
             p.error(f"argument --methods: unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if "mixlora" in args.methods and args.factors < args.rank:
-        p.error(f"argument --factors: expected E >= --rank {args.rank} (each instance picks r of E), got {args.factors}")
+    tasks = tuple(a.tasks.split(",")) if a.tasks else None
+    for task in tasks or ():
+        if task not in toy_tasks.TASKS:
+            p.error(f"argument --tasks: unknown task {task!r}; expected some of {', '.join(toy_tasks.TASKS)}")
+    if "mixlora" in methods and a.factors < a.rank:
+        p.error(f"argument --factors: expected E >= --rank {a.rank} (each instance picks r of E), got {a.factors}")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        p.error(f"argument --batch-size: {args.batch_size} is the global batch; it must divide evenly "
+    if a.batch_size % world:
+        p.error(f"argument --batch-size: {a.batch_size} is the global batch; it must divide evenly "
                 f"over the {world} processes")
-    return args
+    config = Config(rank=a.rank, factors=a.factors, conditional=not a.no_cfs, router_grad=not a.frozen_routers,
+                    scores=a.scores, alpha=a.alpha, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
+                    base_steps=a.base_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                    eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
+    config = quick(config) if a.quick else config
+    return [replace(config, method=method) for method in methods]
 
 
-def setup_distributed(args: argparse.Namespace) -> tuple[int, int]:
+def setup_distributed(device: str) -> tuple[int, int, str]:
     """Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK): join the process group, one
-    GPU per process (NCCL), or CPU processes (gloo). Returns (rank, world size)."""
+    GPU per process (NCCL), or CPU processes (gloo). Returns (rank, world size, device)."""
     if "RANK" not in os.environ:
-        return 0, 1
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def model_config(vocab_size: int, quick: bool) -> TinyMLLMConfig:
@@ -138,6 +181,15 @@ def training_examples(stage: str, seed: int, step: int, batch_size: int, rank: i
     return examples
 
 
+def suite(config: Config) -> dict[str, toy_tasks.Task]:
+    """The tasks stage 2 trains and evaluates on: the toy suite, or the conflict knob's K tasks."""
+    return toy_tasks.conflict_tasks(*config.conflict) if config.conflict else toy_tasks.TASKS
+
+
+def training_tasks(config: Config) -> list[toy_tasks.Task]:
+    return [suite(config)[name] for name in config.tasks or suite(config)]
+
+
 def evaluation_sets(size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]:
     """Fixed for every method and seed: (task, "seen" | "heldout") -> examples."""
     sets = {}
@@ -155,15 +207,16 @@ def validation_sets(size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]
     """For choosing hyperparameters, never for reporting: the training distribution (the trained
     tasks, seen templates) on new images whose seeds ("val-...") are disjoint from the evaluation
     sets' ("eval-...") and the training batches' ("instruct-...")."""
-    return {(task.name, "validation"): [toy_tasks.sample(task, random.Random(f"val-{task.name}-{i}")) for i in range(size)]
+    return {(task.name, "validation"): toy_tasks.samples(task, size, f"val-{task.name}")
             for task in toy_tasks.TASKS.values()}
 
 
 # ---- training ---------------------------------------------------------------------------------
 
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU, plain fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast on a GPU (or where bf16=True), plain fp32 on the CPU."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
@@ -172,17 +225,6 @@ def lr_at(step: int, steps: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def save_atomically(obj: dict, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def trainable_state(model: TinyMLLM, stage: str) -> dict[str, torch.Tensor]:
@@ -204,18 +246,18 @@ def load_trainable_state(model: TinyMLLM, stage: str, state: dict[str, torch.Ten
     load_adapter_state_dict(model, {k: v for k, v in state.items() if not k.startswith("projector.")})
 
 
-def recipe(args: argparse.Namespace) -> dict:
+def recipe(config: Config) -> dict:
     """The settings a checkpoint's training depends on: a resume must use the same."""
-    return {k: v for k, v in vars(args).items() if k not in ("methods", "device", "eval_size", "resume", "out", "checkpoints")}
+    return {k: v for k, v in asdict(config).items() if k not in ("device", "eval_size", "resume", "out", "checkpoints")}
 
 
-def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok: Tokenizer,
-          steps: int, lr: float, ckpt: Path, until: int | None = None,
-          tasks: list[toy_tasks.Task] | None = None) -> float:
+def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | None = None) -> float:
     """Train model's trainable parameters; checkpoint every ~10% of the steps. Returns seconds.
-    `until` stops early, at that step of the `steps`-long schedule (to look at a model part-way).
-    Stage 2 trains on `tasks`, by default the suite's tasks that --tasks names."""
-    tasks = tasks or [toy_tasks.TASKS[t] for t in args.tasks]
+    Stage "base" trains everything on captions; stage "instruct" the adapters on the config's
+    training tasks. `until` stops early, at that step of the schedule (to look at a model part-way)."""
+    steps, lr = (config.base_steps, 1e-3) if stage == "base" else (config.steps, config.lr)
+    name = "base" if stage == "base" else run_name(config)
+    tasks = training_tasks(config)
     device = next(model.parameters()).device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # DDP averages gradients over processes; every adapter parameter gets one on every rank
@@ -225,9 +267,9 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start = 0
-    if args.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
-        if saved["recipe"] != recipe(args):
+    if config.resume and ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        if saved["recipe"] != recipe(config):
             raise SystemExit(f"error: {ckpt} was written with other settings {saved['recipe']}; "
                              f"resume with those, or delete it to start over")
         load_trainable_state(model, stage, saved["trainable"])
@@ -241,8 +283,8 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
     model.train()
     t0, last_print, tokens_seen = time.time(), 0.0, 0
     for step in range(start, until or steps):
-        examples = training_examples(stage, args.seed, step, args.batch_size, rank, world, tasks)
-        images, tokens, prompt_lens = collate(examples, tok, device)
+        examples = training_examples(stage, config.seed, step, config.batch_size, rank, world, tasks)
+        images, tokens, prompt_lens = collate(examples, TOK, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
         with autocast(device):
@@ -266,8 +308,9 @@ def train(model: TinyMLLM, stage: str, name: str, args: argparse.Namespace, tok:
             rng_state = {"cpu": torch.get_rng_state()}
             if device.type == "cuda":
                 rng_state["cuda"] = torch.cuda.get_rng_state(device)
-            save_atomically({"trainable": trainable_state(model, stage), "optimizer": opt.state_dict(),
-                             "step": done, "rng": rng_state, "recipe": recipe(args)}, ckpt)
+            state = {"trainable": trainable_state(model, stage), "optimizer": opt.state_dict(),
+                     "step": done, "rng": rng_state, "recipe": recipe(config)}
+            save_atomically(lambda f: torch.save(state, f), ckpt)
         now = time.time()
         if rank == 0 and (now - last_print > 3 or done in (steps, until)):
             last_print, rate = now, tokens_seen / (now - t0)
@@ -297,54 +340,67 @@ def evaluate(model: TinyMLLM, tok: Tokenizer, sets: dict, batch_size: int = 256)
 
 # ---- the runs ----------------------------------------------------------------------------------
 
-def base_model(args: argparse.Namespace, tok: Tokenizer, rank: int) -> tuple[TinyMLLM, Path]:
+def base_model(config: Config, rank: int = 0) -> tuple[TinyMLLM, Path]:
     """Stage 1: the tiny model pretrained on captions; trained once, then read from its cache."""
-    config = model_config(len(tok), args.quick)
-    torch.manual_seed(args.seed)
-    model = TinyMLLM(config).to(args.device)
-    tag = f"base-{'quick' if args.quick else 'full'}-s{args.seed}-steps{args.base_steps}-bs{args.batch_size}"
-    path = Path(args.checkpoints) / f"{tag}.pt"
+    model_cfg = model_config(len(TOK), config.quick)
+    torch.manual_seed(config.seed)
+    model = TinyMLLM(model_cfg).to(config.device)
+    tag = f"base-{'quick' if config.quick else 'full'}-s{config.seed}-steps{config.base_steps}-bs{config.batch_size}"
+    path = Path(config.checkpoints) / f"{tag}.pt"
     if path.exists():
-        saved = torch.load(path, map_location=args.device, weights_only=False)
-        if saved.get("config") != vars(config):
+        saved = torch.load(path, map_location=config.device, weights_only=True)
+        if saved.get("config") != vars(model_cfg):
             raise SystemExit(f"error: {path} was saved with another model config; delete it to retrain")
         model.load_state_dict(saved["model"])
         if rank == 0:
             print(f"[base] loaded {path}")
     else:
-        seconds = train(model, "base", "base", args, tok, args.base_steps, 1e-3, path.with_suffix(".ckpt"))
+        seconds = train(model, "base", config, path.with_suffix(".ckpt"))
         if rank == 0:
-            save_atomically({"model": model.state_dict(), "config": vars(config), "seconds": seconds}, path)
+            state = {"model": model.state_dict(), "config": vars(model_cfg), "seconds": seconds}
+            save_atomically(lambda f: torch.save(state, f), path)
             path.with_suffix(".ckpt").unlink()
             print(f"[base] trained in {seconds:.0f}s, saved {path}")
     return model, path
 
 
-def run_name(args: argparse.Namespace, method: str) -> str:
-    name = f"{method}-r{args.rank}" if method == "lora" else f"{method}-E{args.factors}-r{args.rank}"
-    if method == "mixlora":
-        name += "-ifs" if args.no_cfs else ""
-        name += "-frozen" if args.frozen_routers else ""
-        name += "-sigmoid" if args.scores == "sigmoid" else ""
-    name += "-proj" if args.train_projector else ""
-    name += "-only-" + "+".join(args.tasks) if args.tasks != list(toy_tasks.TASKS) else ""
-    name += f"-lr{args.lr:g}" if args.lr != DEFAULT_LR else ""
-    name += f"-alpha{args.alpha:g}" if args.alpha != 2 * args.rank else ""
-    return name + f"-s{args.seed}-steps{args.steps}" + ("-quick" if args.quick else "")
+def run_name(config: Config) -> str:
+    """The checkpoint's name: every setting that differs from the defaults, then seed and steps."""
+    c = config
+    name = f"{c.method}-r{c.rank}" if c.method == "lora" else f"{c.method}-E{c.factors}-r{c.rank}"
+    if c.method == "mixlora":
+        name += "-ifs" if not c.conditional else ""
+        name += "-frozen" if not c.router_grad else ""
+        name += "-sigmoid" if c.scores == "sigmoid" else ""
+    name += "-proj" if c.train_projector else ""
+    name += "-only-" + "+".join(c.tasks) if c.tasks else ""
+    name += f"-lr{c.lr:g}" if c.lr != DEFAULT_LR else ""
+    name += f"-alpha{c.alpha:g}" if c.scale_alpha != 2 * c.rank else ""
+    name += f"-K{c.conflict[0]}-conflict{c.conflict[1]:g}" if c.conflict else ""
+    return name + f"-s{c.seed}-steps{c.steps}" + ("-quick" if c.quick else "")
 
 
-def adapt(model: TinyMLLM, args: argparse.Namespace, method: str) -> TinyMLLM:
+def adapt(model: TinyMLLM, config: Config) -> TinyMLLM:
     """Stage 2's model: the frozen base with adapters on every LM linear layer (α = 2r for both
-    unless --alpha says otherwise)."""
-    torch.manual_seed(args.seed + 1)  # the same adapter init for every run of a seed
-    if method == "lora":
-        add_lora(model, TARGETS, args.rank, alpha=args.alpha)
+    unless config.alpha says otherwise)."""
+    torch.manual_seed(config.seed + 1)  # the same adapter init for every run of a seed
+    if config.method == "lora":
+        add_lora(model, TARGETS, config.rank, alpha=config.scale_alpha)
+    elif config.method == "mixlora":
+        add_mixlora(model, TARGETS, config.factors, config.rank, alpha=config.scale_alpha,
+                    conditional=config.conditional, router_grad=config.router_grad, scores=config.scores)
     else:
-        add_mixlora(model, TARGETS, args.factors, args.rank, alpha=args.alpha,
-                    conditional=not args.no_cfs, router_grad=not args.frozen_routers, scores=args.scores)
+        raise ValueError(f"unknown method {config.method!r}; expected one of {', '.join(METHODS)}")
     mark_only_adapters_trainable(model)
-    model.projector.requires_grad_(args.train_projector)
+    model.projector.requires_grad_(config.train_projector)
     return model
+
+
+def label(config: Config) -> str:
+    if config.method == "lora":
+        return "LoRA"
+    return "MixLoRA" + (" (IFS only)" if not config.conditional else "") + (
+        " (frozen routers)" if not config.router_grad else "") + (" (sigmoid scores)" if config.scores == "sigmoid" else "")
 
 
 def markdown_table(rows: list[dict], split: str) -> str:
@@ -362,44 +418,44 @@ def markdown_table(rows: list[dict], split: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     """Returns the report and the rows with their adapters (on rank 0; None on other ranks)."""
-    args = parse_args(argv)
-    rank, world = setup_distributed(args)
+    configs = parse_args(argv)
+    rank, world, device = setup_distributed(configs[0].device)
     try:
-        return run(args, rank, world)
+        return run([replace(c, device=device) for c in configs], rank, world)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace, rank: int, world: int) -> dict | None:
-    tok = Tokenizer(toy_tasks.vocabulary())
-    sets = evaluation_sets(args.eval_size)
-    base, base_path = base_model(args, tok, rank)
+def run(configs: list[Config], rank: int, world: int) -> dict | None:
+    """Stage 1 once, then stage 2 for each config (they share everything but the method)."""
+    first = configs[0]
+    sets = evaluation_sets(first.eval_size)
+    base, base_path = base_model(first, rank)
     if rank == 0:
-        rows = [{"label": "Base (stage 1)", "factors": "-", "rank": "-", "accuracy": evaluate(base, tok, sets)}]
-    for method in args.methods:
-        name = run_name(args, method)
-        model = adapt(copy.deepcopy(base), args, method)
-        seconds = train(model, "instruct", name, args, tok, args.steps, args.lr, Path(args.checkpoints) / f"{name}.ckpt")
+        rows = [{"label": "Base (stage 1)", "factors": "-", "rank": "-", "accuracy": evaluate(base, TOK, sets)}]
+    for config in configs:
+        name = run_name(config)
+        model = adapt(copy.deepcopy(base), config)
+        seconds = train(model, "instruct", config, Path(config.checkpoints) / f"{name}.ckpt")
         if rank != 0:
             continue  # rank 0 evaluates; the others wait for it in the next training step
-        label = "LoRA" if method == "lora" else "MixLoRA" + (" (IFS only)" if args.no_cfs else "") + (
-            " (frozen routers)" if args.frozen_routers else "") + (" (sigmoid scores)" if args.scores == "sigmoid" else "")
-        rows.append({"label": label, "name": name, "factors": "-" if method == "lora" else args.factors,
-                     "rank": args.rank, "accuracy": evaluate(model, tok, sets), "train_seconds": seconds,
+        rows.append({"label": label(config), "name": name, "factors": "-" if config.method == "lora" else config.factors,
+                     "rank": config.rank, "accuracy": evaluate(model, TOK, sets), "train_seconds": seconds,
                      "adapter_parameters": sum(v.numel() for v in adapter_state_dict(model).values()),
                      "adapters": {k: v.cpu() for k, v in adapter_state_dict(model).items()}})
     if rank != 0:
         return None
-    report = {"args": vars(args), "device": str(args.device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "processes": world, "base_checkpoint": str(base_path),
-              "rows": [{k: v for k, v in row.items() if k != "adapters"} for row in rows]}
+    report = {"config": asdict(first) | {"methods": [c.method for c in configs]}, "device": first.device,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "processes": world,
+              "base_checkpoint": str(base_path), "rows": [{k: v for k, v in row.items() if k != "adapters"} for row in rows]}
+    del report["config"]["method"]
     tables = (f"Held-out instruction templates (unseen phrasings), exact match %:\n\n{markdown_table(rows, 'heldout')}\n\n"
               f"Seen instruction templates, new images, exact match %:\n\n{markdown_table(rows, 'seen')}\n")
     print("\n" + tables)
-    out = Path(args.out)
+    out = Path(first.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"toy-s{args.seed}" + ("-quick" if args.quick else "")
+    stem = f"toy-s{first.seed}" + ("-quick" if first.quick else "")
     (out / f"{stem}.md").write_text(tables)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     print(f"saved {out / stem}.md and .json")

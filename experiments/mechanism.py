@@ -1,7 +1,8 @@
 """When does MixLoRA help? One frozen linear layer, K tasks that each need their own rank-q update.
 
-    python mechanism.py            # the table (3 seeds) and the (signal, conflict) sweep -> runs/mechanism/
-    python mechanism.py --quick    # the same pipeline, tiny, in seconds (CI) -> runs/mechanism-quick/
+    python -m experiments.mechanism          # the table (3 seeds) and the (signal, conflict) sweep
+                                             #   -> experiments/results/mechanism/
+    python -m experiments.mechanism --quick  # the same pipeline, tiny, in seconds (CI) -> runs/mechanism-quick/
 
 The setup. A frozen, bias-free linear layer W (d_out x d_in). Task k needs the update ΔW_k,
 rank q, of unit singular values: the adapted layer must output W x + ΔW_k x_c, where x_c is the
@@ -36,9 +37,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import cli
+from experiments.common import (FONT, PALETTE, OracleRouting, cell, effective_chosen, heat, jaccard, top1_share,
+                                usage_perplexity)
 from mixlora import LoRALinear, MixLoRALinear, Routing
 
 
@@ -115,23 +118,6 @@ def rank_floor(delta: Tensor, rank: int) -> float:
 
 
 # ---- the adapters --------------------------------------------------------------------------------
-
-class OracleRouting(MixLoRALinear):
-    """MixLoRA whose route() gives task k the fixed factors k·q ... k·q+q-1, for A and for B.
-
-    The ceiling for routing: the repo's forward, pools and scale, with the right answer as the
-    routing. Set .task (N,) before each forward.
-    """
-
-    def __init__(self, base: nn.Linear, num_tasks: int, rank: int):
-        super().__init__(base, num_tasks * rank, rank, alpha=2 * rank, conditional=False, router_grad=False)
-        self.task: Tensor | None = None
-
-    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        index = self.task[:, None] * self.rank + torch.arange(self.rank, device=self.task.device)  # (N, r)
-        ones = torch.ones(index.shape, dtype=x.dtype, device=x.device)
-        return Routing(index, index, ones, ones)
-
 
 class RenormalisedGates(MixLoRALinear):
     """Mixtral's gate (and SparseMixer-v2's starting point): the gradient comes from the scores
@@ -219,10 +205,8 @@ def consistency(index: Tensor, task: Tensor, num_factors: int) -> float:
     """Mean Jaccard similarity of the selections (N, r) of two different instances of one task:
     1 when each task always selects the same factors, chance_consistency(E, r) for random routing."""
     h = torch.zeros(len(index), num_factors).scatter_(1, index, 1.0)  # (N, E) multi-hot
-    inter = h @ h.T  # (N, N)
-    jaccard = inter / (2 * index.shape[1] - inter)
     same = (task[:, None] == task[None, :]) & ~torch.eye(len(task), dtype=torch.bool)
-    return float(jaccard[same].mean())
+    return float(jaccard(h)[same].mean())
 
 
 def chance_consistency(num_factors: int, rank: int) -> float:
@@ -240,29 +224,6 @@ def distinct_factors(index: Tensor, task: Tensor, num_tasks: int) -> int:
         selections, count = index[task == k].unique(dim=0, return_counts=True)
         used.update(selections[count.argmax()].tolist())
     return len(used)
-
-
-def top1_share(p: Tensor, index: Tensor) -> float:
-    """Of the chosen factors' scores p (N, E) at index (N, r), the share of the largest: 1/r when
-    the chosen factors share the score (and its gradient) evenly, → 1 when one takes it all."""
-    chosen = p.gather(1, index)  # (N, r)
-    return float((chosen.max(1).values / chosen.sum(1)).mean())
-
-
-def effective_chosen(p: Tensor, index: Tensor) -> float:
-    """The effective number of chosen factors, exp(entropy) of the chosen scores renormalised,
-    the perplexity MoE papers use for router collapse: r when they share evenly, 1 when one has all."""
-    chosen = p.gather(1, index)
-    share = chosen / chosen.sum(1, keepdim=True)  # (N, r)
-    return float(torch.exp(-(share * share.clamp_min(1e-30).log()).sum(1)).mean())
-
-
-def usage_perplexity(index: Tensor, num_factors: int) -> float:
-    """How evenly the factors are used across instances: exp(entropy) of the factors' share of all
-    selections, E when every factor is chosen equally often, r when the same r always are. The
-    load-balancing losses and biases of MoE (Switch, DeepSeek-V3) act on this."""
-    load = torch.bincount(index.flatten(), minlength=num_factors).double() / index.numel()
-    return float(torch.exp(-(load * load.clamp_min(1e-30).log()).sum()))
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -325,18 +286,6 @@ def run(method: str, cfg: Config, seed: int) -> dict:
 
 # ---- the experiment and its pictures -------------------------------------------------------------
 
-def cell(values: list[float], digits: int = 3) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
-try:  # DejaVu has the Greek and the minus sign; pillow's default font does not
-    FONT = ImageFont.truetype("DejaVuSans.ttf", 13)
-except OSError:
-    FONT = ImageFont.load_default(size=13)
-
-
 def heatmaps(sweep: dict, path: Path, columns: int = 3) -> None:
     """One panel per (method, reference): (method's error − reference's) over (s, κ), mean over
     seeds; blue where the method wins, a black frame where it wins in every seed."""
@@ -357,11 +306,10 @@ def heatmaps(sweep: dict, path: Path, columns: int = 3) -> None:
             for col, kappa in enumerate(CONFLICTS):
                 point = sweep[f"{s:g},{kappa:g}"]
                 d = [a - b for a, b in zip(point[method], point[reference])]
-                t = min(1.0, abs(np.mean(d)))
-                colour = (int(255 * (1 - t)), int(255 * (1 - t)), 255) if np.mean(d) < 0 else (255, int(255 * (1 - t)), int(255 * (1 - t)))
+                colour, ink = heat(np.mean(d), 1.0)
                 box = (x0 + col * c, y, x0 + (col + 1) * c - 1, y + c - 1)
                 draw.rectangle(box, fill=colour, outline="black" if max(d) < 0 else "white", width=4 if max(d) < 0 else 1)
-                draw.text((box[0] + 16, y + c // 2 - 7), f"{np.mean(d):+.2f}", fill="white" if t > 0.6 else "black", font=FONT)
+                draw.text((box[0] + 16, y + c // 2 - 7), f"{np.mean(d):+.2f}", fill=ink, font=FONT)
         for col, kappa in enumerate(CONFLICTS):
             draw.text((x0 + col * c + c // 2 - 12, py + top + len(SIGNALS) * c + 6), f"{kappa:g}", fill="black", font=FONT)
         draw.text((x0, py + top + len(SIGNALS) * c + 28), "conflict κ = 1 − cos(ΔW_j, ΔW_k)  →", fill="black", font=FONT)
@@ -369,11 +317,11 @@ def heatmaps(sweep: dict, path: Path, columns: int = 3) -> None:
     img.save(path)
 
 
-COLOURS = {"LoRA r=q": (127, 127, 127), "LoRA r=K·q": (0, 0, 0), "MixLoRA": (31, 119, 180),
-           "MixLoRA frozen routers": (214, 39, 40), "MixLoRA α=2E": (148, 103, 189),
-           "MixLoRA renormalised gates (Mixtral)": (140, 86, 75), "MixLoRA router z-loss (ST-MoE)": (227, 119, 194),
-           "MixLoRA softmax temperature τ=10": (188, 189, 34), "MixLoRA sigmoid scores": (255, 127, 14),
-           "oracle routing": (44, 160, 44)}
+COLOURS = {"LoRA r=q": PALETTE[7], "LoRA r=K·q": (0, 0, 0), "MixLoRA": PALETTE[0],
+           "MixLoRA frozen routers": PALETTE[3], "MixLoRA α=2E": PALETTE[4],
+           "MixLoRA renormalised gates (Mixtral)": PALETTE[5], "MixLoRA router z-loss (ST-MoE)": PALETTE[6],
+           "MixLoRA softmax temperature τ=10": PALETTE[9], "MixLoRA sigmoid scores": PALETTE[1],
+           "oracle routing": PALETTE[2]}
 
 
 def curves(results: dict, path: Path) -> None:
@@ -409,12 +357,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (CI)")
     parser.add_argument("--seeds", type=cli.integers(0), default=None, help="comma-separated (default: 0,1,2; 0,1 with --quick)")
-    parser.add_argument("--out", default=None, help="default: runs/mechanism (runs/mechanism-quick with --quick)")
+    parser.add_argument("--out", default=None, help="default: experiments/results/mechanism (runs/mechanism-quick with --quick)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and the CPU is shared
     cfg = Config(steps=40, log_every=20, eval_instances=128) if args.quick else Config()
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    out = Path(args.out or ("runs/mechanism-quick" if args.quick else "runs/mechanism"))
+    out = Path(args.out or ("runs/mechanism-quick" if args.quick else "experiments/results/mechanism"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results = {m: [run(m, cfg, seed) for seed in seeds] for m in METHODS}
@@ -438,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     _, delta = make_tasks(cfg, torch.Generator().manual_seed(0))
     floors = {"LoRA r=q": rank_floor(delta, cfg.task_rank), "LoRA r=K·q": rank_floor(delta, cfg.num_tasks * cfg.task_rank)}
     E = cfg.num_tasks * cfg.task_rank
-    lines = [f"`python mechanism.py{' --quick' if args.quick else ''}`: K = {cfg.num_tasks} tasks, each a rank-q = "
+    lines = [f"`python -m experiments.mechanism{' --quick' if args.quick else ''}`: K = {cfg.num_tasks} tasks, each a rank-q = "
              f"{cfg.task_rank} update; d_c = {cfg.d_content}, d_out = {cfg.d_out}, T = {cfg.positions}, s = {cfg.signal:g}, "
              f"κ = {cfg.conflict:g}; {cfg.steps} steps of {cfg.batch} instances, AdamW lr {cfg.lr:g}; seeds "
              f"{', '.join(map(str, seeds))} (mean ± sample std); {cfg.eval_instances} held-out instances; "
@@ -453,12 +401,12 @@ def main(argv: list[str] | None = None) -> None:
                    for k, d in [("consistency", 2), ("distinct_factors", 1), ("top1_share", 2),
                                 ("effective_chosen", 2), ("usage", 1)]]
         best = f"{floors[m]:.3f}" if m in floors else "0"
-        lines.append(f"| {m} | {cell([r['error'] for r in runs])} | {best} | " + " | ".join(routing) + " |")
+        lines.append(f"| {m} | {cell([r['error'] for r in runs], 3)} | {best} | " + " | ".join(routing) + " |")
     lines += ["", "Sweep: unexplained fraction, mean ± std over the seeds, at (s, κ):", "",
               "| s | κ | " + " | ".join(SWEPT) + " |", "|---|---|" + "---|" * len(SWEPT)]
     for key, point in sweep.items():
         if key != "T":
-            lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(cell(point[m]) for m in SWEPT) + " |")
+            lines.append(f"| {key.replace(',', ' | ')} | " + " | ".join(cell(point[m], 3) for m in SWEPT) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

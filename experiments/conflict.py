@@ -1,9 +1,9 @@
 """Where the paper's claim holds: the toy VLM with its task conflict turned up.
 
-    python conflict.py                    # K = 4 and K = 6, κ = 0, 0.5, 1, seeds 0, 1, 2 -> runs/conflict/
-    python conflict.py --num-tasks 4      # one K (two such processes share the CPU's cores; the
-                                          # runs are cached, a last plain call gathers them)
-    python conflict.py --quick            # the same pipeline on the smoke-test model (CI)
+    python -m experiments.conflict                 # K = 4 and 6, κ = 0, 0.5, 1, seeds 0-2 -> experiments/results/conflict/
+    python -m experiments.conflict --num-tasks 4   # one K (two such processes share the CPU's cores; the
+                                                   # runs are cached, a last plain call gathers them)
+    python -m experiments.conflict --quick         # the same pipeline on the smoke-test model (CI)
 
 mechanism.py shows, on one layer with a known answer, that MixLoRA beats LoRA only where tasks
 conflict (the same inputs need different updates) and the task is readable from x̄. The toy
@@ -16,15 +16,13 @@ sigmoid scores), MixLoRA with oracle routing (task k gets its own r factors in e
 ceiling for routing, as in mechanism.py), and per-task LoRA r=4 specialists (each on its task
 alone, for steps/K steps: the examples of its task the mixture gives). Exact match of the greedy
 answer on new images, seen and held-out phrasings. The conflict is measured, not assumed: the
-cosine between the tasks' gradients on LoRA r=4's adapters (analysis.gradient_cosines), at the
+cosine between the tasks' gradients on LoRA r=4's adapters (common.gradient_cosines), at the
 start and at 1/4 of the schedule. Whether trained routing tells the tasks apart, as the oracle
 does, is measured too (routing_separation). Next to the toy's gaps, mechanism.py's prediction
 for the same K, with a task x̄ shows clearly (s = 2) and faintly (s = 0.5).
 """
 
-import argparse
 import json
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,47 +31,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import analysis
 import cli
-import mechanism
 import toy_tasks
 import train_toy
-from mixlora import MixLoRALinear, _replace_linears, mark_only_adapters_trainable
+from experiments import common, mechanism
+from experiments.common import cell
+from mixlora import MixLoRALinear
 from tiny_mllm import TinyMLLM
+from train_toy import Config
 
-TOK = analysis.TOK
 KS = (4, 6)
 CONFLICTS = (0.0, 0.5, 1.0)
-METHODS = {  # label: train_toy.py's flags; the oracle and the specialists are built here
-    "LoRA r=4": ["--methods", "lora", "--rank", "4"],
-    "LoRA r=16": ["--methods", "lora", "--rank", "16"],
-    "MixLoRA E=16 r=4": ["--methods", "mixlora"],
-    "MixLoRA E=16 r=4, sigmoid scores": ["--methods", "mixlora", "--scores", "sigmoid"],
-    "MixLoRA oracle routing": ["--methods", "mixlora"],
-    "LoRA specialists r=4": ["--methods", "lora", "--rank", "4"],
+METHODS = {  # label: how the run differs from the experiment's Config (the oracle: common.add_oracle)
+    "LoRA r=4": dict(method="lora", rank=4),
+    "LoRA r=16": dict(method="lora", rank=16),
+    "MixLoRA E=16 r=4": dict(method="mixlora"),
+    "MixLoRA E=16 r=4, sigmoid scores": dict(method="mixlora", scores="sigmoid"),
+    "MixLoRA oracle routing": dict(method="oracle"),
+    "LoRA specialists r=4": dict(method="lora", rank=4),
 }
 ROUTED = ["MixLoRA E=16 r=4", "MixLoRA E=16 r=4, sigmoid scores", "MixLoRA oracle routing"]
-
-
-# ---- the oracle: routing that is the answer -----------------------------------------------------
-
-def add_oracle(model: TinyMLLM, tasks: list[toy_tasks.Task], rank: int) -> None:
-    """Every LM linear becomes a MixLoRA layer of E = K·r factors whose routing gives task k the
-    factors k·r ... k·r + r - 1 (mechanism.OracleRouting). The task is read where a router can
-    read it: the instruction word among the prompt's tokens (a hook on the embedding sees every
-    whole text, in training and in the prefill; decode steps hold the prefill's routing)."""
-    _replace_linears(model, train_toy.TARGETS, lambda base: mechanism.OracleRouting(base, len(tasks), rank))
-    layers = [m for m in model.modules() if isinstance(m, mechanism.OracleRouting)]
-    words = torch.tensor([TOK.stoi[task.name] for task in tasks])
-
-    def read_task(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        tokens = inputs[0]
-        if tokens.dim() == 2:  # (N, L): a whole text; a decode step embeds (N,) tokens
-            task = (tokens[:, :, None] == words.to(tokens.device)).any(1).float().argmax(-1)  # (N,)
-            for layer in layers:
-                layer.task = task
-
-    model.embed.register_forward_hook(read_task)
 
 
 # ---- one run -------------------------------------------------------------------------------------
@@ -81,74 +58,49 @@ def add_oracle(model: TinyMLLM, tasks: list[toy_tasks.Task], rank: int) -> None:
 def evaluation_sets(tasks: list[toy_tasks.Task], size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]:
     """New images, seen and held-out phrasings; the images depend on the task's word and the split
     only, so every κ, K and method is scored on the same images."""
-    return {(task.name, split): [toy_tasks.sample(task, random.Random(f"eval-conflict-{task.name}-{split}-{i}"),
-                                                  heldout=split == "heldout") for i in range(size)]
+    return {(task.name, split): toy_tasks.samples(task, size, f"eval-conflict-{task.name}-{split}", split == "heldout")
             for task in tasks for split in ("seen", "heldout")}
 
 
-def trained(label: str, num_tasks: int, conflict: float, seed: int, common: argparse.Namespace,
-            tasks: list[toy_tasks.Task] | None = None, until: int | None = None) -> tuple[TinyMLLM, argparse.Namespace]:
-    """Stage 2 of one method on the shared stage-1 base (seed 0) and the conflict tasks (or the
-    subset `tasks`, for a specialist); read back when finished, resumed when killed."""
-    all_tasks = list(toy_tasks.conflict_tasks(num_tasks, conflict).values())
-    tasks = tasks or all_tasks
-    args = analysis.toy_args(METHODS[label] + ["--seed", "0"], common)
-    base, _ = train_toy.base_model(args, TOK, rank=0)
-    args.seed, args.conflict_tasks, args.conflict = seed, num_tasks, conflict  # the recipe names them
-    method = args.methods[0]
-    if label == "MixLoRA oracle routing":
-        torch.manual_seed(args.seed + 1)
-        add_oracle(base, all_tasks, args.rank)
-        model = mark_only_adapters_trainable(base)
-        method = "oracle"
-    else:
-        model = train_toy.adapt(base, args, method)
-    steps = args.steps if len(tasks) == len(all_tasks) else max(1, args.steps // num_tasks)
-    name = (train_toy.run_name(args, method).replace(f"-steps{args.steps}", f"-steps{steps}")
-            + f"-K{num_tasks}-conflict{conflict:g}" + (f"-{tasks[0].name}" if len(tasks) < len(all_tasks) else "")
-            + (f"-until{until}" if until else ""))
-    analysis.train_or_load(model, name, args, Path(args.checkpoints) / "conflict" / f"{name}.ckpt", steps, until, tasks)
-    return model.eval(), args
+def run(label: str, config: Config) -> tuple[Config, common.Adapt]:
+    """The Config and the adapters of one method (config names K, κ and the seed)."""
+    return replace(config, **METHODS[label]), common.add_oracle if label == "MixLoRA oracle routing" else train_toy.adapt
 
 
-def accuracy(label: str, num_tasks: int, conflict: float, seed: int, common: argparse.Namespace) -> dict:
-    """{split: {task: exact match %}} (and, for the routed methods, router_collapse per block),
-    cached as JSON under <out>/cache/."""
-    cache = Path(common.out) / "cache" / f"{label}-K{num_tasks}-conflict{conflict:g}-s{seed}.json".replace(" ", "")
-    if cache.exists():
-        return json.loads(cache.read_text())
-    tasks = list(toy_tasks.conflict_tasks(num_tasks, conflict).values())
-    size = analysis.toy_args([], common).eval_size
-    result: dict = {}
-    for group in ([[t] for t in tasks] if label == "LoRA specialists r=4" else [tasks]):
-        model, _ = trained(label, num_tasks, conflict, seed, common, tasks=group)
-        for split, scores in train_toy.evaluate(model, TOK, evaluation_sets(group, size)).items():
-            result.setdefault(split, {}).update(scores)
-        if label in ROUTED[:2]:
-            result["routing"] = analysis.router_collapse(
-                model, [e for t in tasks for e in evaluation_sets([t], 32)[t.name, "seen"]])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result))
-    return result
+def trained(label: str, config: Config, until: int | None = None) -> TinyMLLM:
+    return common.trained(*run(label, config), until=until)
 
 
-def at_init(label: str, seed: int, common: argparse.Namespace) -> TinyMLLM:
-    """A method's adapters as they start, untrained, on the shared stage-1 base."""
-    args = analysis.toy_args(METHODS[label] + ["--seed", "0"], common)
-    base, _ = train_toy.base_model(args, TOK, rank=0)
-    args.seed = seed
-    return train_toy.adapt(base, args, args.methods[0]).eval()
+def specialists(config: Config) -> list[Config]:
+    """One LoRA r=4 per task, on its task alone for steps/K steps: the examples of its task the mixture gives."""
+    suite = train_toy.suite(config)
+    return [replace(config, method="lora", rank=4, tasks=(name,), steps=max(1, config.steps // len(suite)))
+            for name in suite]
+
+
+def accuracy(label: str, config: Config, out: Path) -> dict:
+    """{split: {task: exact match %}} (and, for the trained routers, router_collapse per block)."""
+    tasks = list(train_toy.suite(config).values())
+    collapse = [e for t in tasks for e in evaluation_sets([t], 32)[t.name, "seen"]] if label in ROUTED[:2] else None
+    if label == "LoRA specialists r=4":  # each task's accuracy is its own specialist's
+        result: dict = {}
+        for run_config, task in zip(specialists(config), tasks):
+            for split, scores in common.accuracy(run_config, evaluation_sets([task], config.eval_size),
+                                                 "conflict", out).items():
+                result.setdefault(split, {}).update(scores)
+        return result
+    run_config, adapt = run(label, config)
+    return common.accuracy(run_config, evaluation_sets(tasks, config.eval_size), "conflict", out, adapt, collapse)
 
 
 def gradient_conflict(model: TinyMLLM, tasks: list[toy_tasks.Task], quick: bool, parts: str = "AB") -> dict[str, float]:
     """How much the tasks' gradients disagree on LoRA's adapters: the mean off-diagonal cosine over
-    the blocks' A and/or B matrices (analysis.gradient_cosines; the most negative block's too), and
+    the blocks' A and/or B matrices (common.gradient_cosines; the most negative block's too), and
     the diagonal, where two batches of one task agree: the ceiling that gradient noise leaves."""
     size = 16 if quick else 64
-    batches = [{t.name: [toy_tasks.sample(t, random.Random(f"{tag}-conflict-{t.name}-{i}")) for i in range(size)]
-                for t in tasks} for tag in ("grad", "eval")]
-    groups = {name: group for name, group in analysis.adapter_groups(model).items() if name[-1] in parts}
-    cosines = analysis.gradient_cosines(lambda d: analysis.example_losses(model, d), *batches, groups)
+    batches = [{t.name: toy_tasks.samples(t, size, f"{tag}-conflict-{t.name}") for t in tasks} for tag in ("grad", "eval")]
+    groups = {name: group for name, group in common.adapter_groups(model).items() if name[-1] in parts}
+    cosines = common.gradient_cosines(lambda d: common.example_losses(model, d), *batches, groups)
     off = [c[~np.eye(len(c), dtype=bool)].mean() for c in cosines.values()]
     return {"off_diagonal": float(np.mean(off)), "off_diagonal_min": float(np.min(off)),
             "diagonal": float(np.mean([np.diag(c).mean() for c in cosines.values()]))}
@@ -156,7 +108,7 @@ def gradient_conflict(model: TinyMLLM, tasks: list[toy_tasks.Task], quick: bool,
 
 def routing_separation(model: TinyMLLM, tasks: list[toy_tasks.Task]) -> dict[str, float | list[float]]:
     """Do the routers tell the tasks apart? The mean Jaccard similarity of two instances' selections
-    (S^A and S^B of every MixLoRA linear of a block, analysis.selections) within a task and between
+    (S^A and S^B of every MixLoRA linear of a block, common.selections) within a task and between
     tasks, averaged over the blocks: 1 and 0 for the oracle; equal when routing is blind to the task.
 
     And could they? "signal": per block, how far apart the tasks' x̄ are (x̄: the prompt-masked
@@ -178,10 +130,10 @@ def routing_separation(model: TinyMLLM, tasks: list[toy_tasks.Task]) -> dict[str
         return hook
 
     hooks = [layer.register_forward_hook(keep_x_bar(b)) for b, layer in enumerate(firsts)]
-    hots = analysis.selections(model, examples, list(range(len(model.layers))))  # one forward (≤ 256 examples)
+    hots = common.selections(model, examples, list(range(len(model.layers))))  # one forward (≤ 256 examples)
     for h in hooks:
         h.remove()
-    sims = [1 - analysis.jaccard_distances(hot) for hot in hots.values()]
+    sims = [common.jaccard(torch.from_numpy(hot).double()).numpy() for hot in hots.values()]
     return {"within": float(np.mean([s[same & other].mean() for s in sims])),
             "between": float(np.mean([s[~same].mean() for s in sims])),
             "signal": [d_prime(seen[b], labels) for b in range(len(model.layers))]}
@@ -219,15 +171,11 @@ def prediction(num_tasks: int, conflict: float, seeds: list[int], quick: bool) -
 # ---- the report ----------------------------------------------------------------------------------
 
 def seen(run: dict) -> float:
-    return float(np.mean(list(run["seen"].values())))
+    return common.mean_accuracy(run, "seen")
 
 
 def heldout(run: dict) -> float:
-    return float(np.mean(list(run["heldout"].values())))
-
-
-def cell(values: list[float], digits: int = 1) -> str:
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+    return common.mean_accuracy(run, "heldout")
 
 
 def tables(results: dict) -> str:
@@ -285,8 +233,8 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
-COLOURS = {"LoRA r=16": (0, 0, 0), "MixLoRA E=16 r=4": (31, 119, 180), "MixLoRA E=16 r=4, sigmoid scores": (255, 127, 14),
-           "MixLoRA oracle routing": (44, 160, 44), "LoRA specialists r=4": (148, 103, 189)}
+COLOURS = {"LoRA r=16": (0, 0, 0), "MixLoRA E=16 r=4": common.PALETTE[0], "MixLoRA E=16 r=4, sigmoid scores": common.PALETTE[1],
+           "MixLoRA oracle routing": common.PALETTE[2], "LoRA specialists r=4": common.PALETTE[4]}
 
 
 def figure(results: dict, path: Path) -> None:
@@ -299,7 +247,7 @@ def figure(results: dict, path: Path) -> None:
     pw, ph, m = 360, 260, 60
     img = Image.new("RGB", (2 * pw + 40, len(Ks) * (ph + 50) + 30 + 18 * len(COLOURS)), "white")
     draw = ImageDraw.Draw(img)
-    font = mechanism.FONT
+    font = common.FONT
     for row, K in enumerate(Ks):
         panels = [(f"toy VLM, K = {K}: accuracy − LoRA r=4 (points)", "toy"),
                   (f"mechanism.py, K = {K}: explained − LoRA r=q (×100)", "mechanism")]
@@ -359,36 +307,39 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=cli.at_least(1), default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", type=cli.device, default="auto")
     p.add_argument("--quick", action="store_true", help="the smoke-test model, K = 2, κ = 0 and 1 (CI)")
-    p.add_argument("--out", default=None, help="default: runs/conflict (runs/conflict-quick with --quick)")
+    p.add_argument("--out", default=None, help="default: experiments/results/conflict (runs/conflict-quick with --quick)")
     p.add_argument("--checkpoints", default="checkpoints")
-    common = p.parse_args(argv)
-    if common.threads:
-        torch.set_num_threads(common.threads)
-    Ks = common.num_tasks or ([2] if common.quick else list(KS))
-    seeds = common.seeds
-    kappas = (0.0, 1.0) if common.quick else CONFLICTS
-    common.out = common.out or ("runs/conflict-quick" if common.quick else "runs/conflict")
-    common.toy_flags = ["--steps", str(common.steps)]
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Ks = args.num_tasks or ([2] if args.quick else list(KS))
+    seeds = args.seeds
+    kappas = (0.0, 1.0) if args.quick else CONFLICTS
+    out = Path(args.out or ("runs/conflict-quick" if args.quick else "experiments/results/conflict"))
+    base = common.config(args.quick, args.device, args.checkpoints, steps=args.steps)
     start = time.time()
-    results: dict = {"K": Ks, "conflicts": list(kappas), "seeds": seeds, "steps": common.steps,
+    results: dict = {"K": Ks, "conflicts": list(kappas), "seeds": seeds, "steps": args.steps,
                      "runs": {}, "cosine": {}, "separation": {}, "prediction": {}}
     for K in Ks:
         for kappa in kappas:
             key = f"{K},{kappa:g}"
-            tasks = list(toy_tasks.conflict_tasks(K, kappa).values())
+            config = replace(base, conflict=(K, kappa))
+            tasks = list(train_toy.suite(config).values())
             # At the start only B has a gradient (A's is zero while B = 0); at 1/4 of the schedule, both.
-            quarter, _ = trained("LoRA r=4", K, kappa, 0, common, until=max(1, common.steps // 4))
-            results["cosine"][key] = {"start": gradient_conflict(at_init("LoRA r=4", 0, common), tasks, common.quick, "B"),
-                                      "quarter": gradient_conflict(quarter, tasks, common.quick)}
-            results["runs"][key] = {label: [accuracy(label, K, kappa, seed, common) for seed in seeds] for label in METHODS}
-            results["separation"][key] = {label: [routing_separation(trained(label, K, kappa, seed, common)[0], tasks)
+            lora = replace(config, **METHODS["LoRA r=4"])
+            quarter = common.trained(lora, until=max(1, args.steps // 4))
+            results["cosine"][key] = {"start": gradient_conflict(common.untrained(lora).eval(), tasks, args.quick, "B"),
+                                      "quarter": gradient_conflict(quarter, tasks, args.quick)}
+            results["runs"][key] = {label: [accuracy(label, replace(config, seed=seed), out) for seed in seeds]
+                                    for label in METHODS}
+            results["separation"][key] = {label: [routing_separation(trained(label, replace(config, seed=seed)), tasks)
                                                   for seed in seeds] for label in ROUTED}
             results["separation"][key]["untrained routers"] = [
-                routing_separation(at_init("MixLoRA E=16 r=4", seed, common), tasks) for seed in seeds]
-            results["prediction"][key] = prediction(K, kappa, seeds, common.quick)
+                routing_separation(common.untrained(replace(config, seed=seed, method="mixlora")).eval(), tasks)
+                for seed in seeds]
+            results["prediction"][key] = prediction(K, kappa, seeds, args.quick)
     results["wall_s"] = time.time() - start
     results["torch"], results["threads"] = torch.__version__, torch.get_num_threads()
-    out = Path(common.out)
     out.mkdir(parents=True, exist_ok=True)
     text = tables(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -9,27 +9,27 @@ NO_CUDA = [] if torch.cuda.is_available() else [("--device", "cuda")]
 # (module, function, leading arguments): each function parses first and exits on a bad argument.
 ENTRY_POINTS = {
     "train_toy.py": ("train_toy", "parse_args", []),
-    "analysis.py": ("analysis", "main", ["sweep"]),
-    "mechanism.py": ("mechanism", "main", []),
-    "bench_mixlora.py": ("bench_mixlora", "main", []),
-    "conflict.py": ("conflict", "main", []),
-    "finetune_llava.py": ("finetune_llava", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
+    "experiments/analysis.py": ("experiments.analysis", "main", ["sweep"]),
+    "experiments/mechanism.py": ("experiments.mechanism", "main", []),
+    "experiments/bench.py": ("experiments.bench", "main", []),
+    "experiments/conflict.py": ("experiments.conflict", "main", []),
+    "hf/finetune_llava.py": ("hf.finetune_llava", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
 }
-NEEDS = {"finetune_llava.py": "transformers"}  # optional dependencies: skip without them
+NEEDS = {"hf/finetune_llava.py": "transformers"}  # optional dependencies: skip without them
 BAD = {  # every numeric and device flag of every entry point, with values out of range
     "train_toy.py": [("--rank", "0"), ("--factors", "0"), ("--steps", "0"), ("--base-steps", "-5"),
                      ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
                      ("--alpha", "0"), ("--seed", "-1"), ("--eval-size", "0"), ("--steps", "ten"),
                      ("--device", "tpu"), ("--methods", "dora"), ("--tasks", "colour,juggling"),
                      ("--scores", "softmax2")] + NO_CUDA,
-    "analysis.py": [("--seeds", "0,-1"), ("--seeds", "0,x"), ("--tune-seeds", "-2"), ("--interference-lr", "0"),
+    "experiments/analysis.py": [("--seeds", "0,-1"), ("--seeds", "0,x"), ("--tune-seeds", "-2"), ("--interference-lr", "0"),
                     ("--steps", "0"), ("--eval-size", "-1"), ("--device", "tpu")] + NO_CUDA,
-    "mechanism.py": [("--seeds", "-1"), ("--seeds", "one")],
-    "bench_mixlora.py": [("--factors", "0"), ("--rank", "0"), ("--repeats", "0"), ("--device", "tpu"),
+    "experiments/mechanism.py": [("--seeds", "-1"), ("--seeds", "one")],
+    "experiments/bench.py": [("--factors", "0"), ("--rank", "0"), ("--repeats", "0"), ("--device", "tpu"),
                          ("--dtype", "fp8")] + NO_CUDA,
-    "conflict.py": [("--num-tasks", "7"), ("--num-tasks", "1"), ("--seeds", "-1"), ("--steps", "0"),
+    "experiments/conflict.py": [("--num-tasks", "7"), ("--num-tasks", "1"), ("--seeds", "-1"), ("--steps", "0"),
                     ("--threads", "0"), ("--device", "tpu")] + NO_CUDA,
-    "finetune_llava.py": [("--factors", "0"), ("--rank", "0"), ("--alpha", "0"), ("--lr", "-1"), ("--lr", "inf"),
+    "hf/finetune_llava.py": [("--factors", "0"), ("--rank", "0"), ("--alpha", "0"), ("--lr", "-1"), ("--lr", "inf"),
                           ("--dropout", "-0.1"), ("--dropout", "1"), ("--epochs", "0"), ("--steps", "0"),
                           ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--max-new-tokens", "0"),
                           ("--method", "dora"), ("--scores", "softmax2"), ("--device", "tpu")] + NO_CUDA,
@@ -52,9 +52,9 @@ def test_bad_input_is_one_line_that_names_the_flag(entry, flag, value, capsys):
 
 @pytest.mark.parametrize("entry, argv, says", [
     ("train_toy.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
-    ("bench_mixlora.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
-    ("finetune_llava.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
-    ("finetune_llava.py", ["--batch-size", "6", "--grad-accum", "4"], "must divide evenly into 4 micro-batches"),
+    ("experiments/bench.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
+    ("hf/finetune_llava.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
+    ("hf/finetune_llava.py", ["--batch-size", "6", "--grad-accum", "4"], "must divide evenly into 4 micro-batches"),
 ])
 def test_flags_that_must_agree(entry, argv, says, capsys):
     if entry in NEEDS:
@@ -67,6 +67,7 @@ def test_flags_that_must_agree(entry, argv, says, capsys):
 
 def test_every_entry_point_is_covered():
     import pathlib
-    scripts = {p.name for p in pathlib.Path(__file__).parent.glob("*.py")
+    root = pathlib.Path(__file__).parents[1]
+    scripts = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
                if not p.name.startswith("test_") and 'if __name__ == "__main__"' in p.read_text()}
     assert scripts == set(ENTRY_POINTS) == set(BAD)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import conflict
 import toy_tasks
 import train_toy
-from mechanism import OracleRouting
+from experiments import common, conflict
+from experiments.common import OracleRouting
 from tiny_mllm import TinyMLLM, Tokenizer
 
 TOK = Tokenizer(toy_tasks.vocabulary())
@@ -61,8 +61,9 @@ def test_bad_knob_values_raise(num_tasks, kappa, message):
 def test_oracle_gives_each_task_its_own_factors_in_training_and_generation():
     torch.manual_seed(0)
     model = TinyMLLM(train_toy.model_config(len(TOK), quick=True))
-    tasks = list(toy_tasks.conflict_tasks(4, 1.0).values())
-    conflict.add_oracle(model, tasks, rank=3)
+    config = train_toy.Config(method="oracle", rank=3, conflict=(4, 1.0))
+    common.add_oracle(model, config)
+    tasks = list(train_toy.suite(config).values())
     examples = [toy_tasks.sample(tasks[k], random.Random(i)) for i, k in enumerate([2, 0, 3, 1, 2])]
     expected = torch.tensor([[3 * k + j for j in range(3)] for k in [2, 0, 3, 1, 2]])
     layers = [m for m in model.modules() if isinstance(m, OracleRouting)]

@@ -1,9 +1,9 @@
-"""The Trainer path and finetune_llava.py, end to end on a tiny random LLaVA saved to disk.
+"""The Trainer path and hf/finetune_llava.py, end to end on a tiny random LLaVA saved to disk.
 
 Nothing is downloaded: a word-level tokenizer (the `tokenizers` library), a CLIP image processor
 and a LlavaForConditionalGeneration built from configs are saved with save_pretrained, the
 images are drawn with pillow, and the script loads them as it would load llava-1.5-7b-hf.
-`transformers` and `accelerate` (requirements-hf.txt) are optional: without them this skips.
+`transformers` and `accelerate` (hf/requirements.txt) are optional: without them this skips.
 """
 
 import inspect
@@ -21,7 +21,7 @@ pytest.importorskip("accelerate")
 from PIL import Image, ImageDraw  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
-import finetune_llava  # noqa: E402
+from hf import finetune_llava  # noqa: E402
 from mixlora import MixLoRALinear, routing_mask  # noqa: E402
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -99,10 +99,10 @@ def mixlora_layers(model) -> list[MixLoRALinear]:
     return [m for m in model.modules() if isinstance(m, MixLoRALinear)]
 
 
-# ---- the README's Trainer block, run as written ---------------------------------------------------
+# ---- hf/README.md's Trainer block, run as written ---------------------------------------------------
 
 def readme_trainer_block() -> str:
-    section = (Path(__file__).parent / "README.md").read_text().split("## Use it on your model", 1)[1]
+    section = (Path(__file__).parents[1] / "hf" / "README.md").read_text().split("## In your own Trainer", 1)[1]
     return next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "class MixLoRATrainer" in b)
 
 
@@ -134,7 +134,7 @@ def run_readme_trainer(folder: Path, monkeypatch, checkpointing: bool) -> dict:
     hook = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         torch.manual_seed(0)  # the adapters' init
-        exec(compile(block, "README.md", "exec"), scope)
+        exec(compile(block, "hf/README.md", "exec"), scope)
     finally:
         hook.remove()
     assert all(torch.equal(p, before) for p, before in frozen)  # the base model did not train
@@ -144,7 +144,7 @@ def run_readme_trainer(folder: Path, monkeypatch, checkpointing: bool) -> dict:
         routers = (layer.router_A, layer.router_B, layer.router_cfs)
         assert all(not torch.equal(t, t0) for t, t0 in zip(routers, init[layer]))
     prompt = lambda batch: (batch["labels"] == -100) & batch["attention_mask"].bool()
-    return dict(seen=seen, adapters=torch.load(folder / "adapters.pt"), metrics=scope["metrics"],
+    return dict(seen=seen, adapters=torch.load(folder / "adapters.pt", weights_only=True), metrics=scope["metrics"],
                 train_mask=prompt(scope["collator"](data)), eval_mask=prompt(scope["collator"](data[:3])))
 
 
@@ -180,7 +180,7 @@ def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_pa
     config = json.loads((out / "adapters.json").read_text())
     assert config["method"] == "mixlora" and (config["factors"], config["rank"], config["alpha"]) == (16, 4, 32.0)
     assert config["steps"] == 30 and config["processes"] == 1 and config["eval_loss"] < 0.1
-    assert torch.load(out / "adapters.pt").keys() == finetune_llava.adapter_state_dict(model).keys()
+    assert torch.load(out / "adapters.pt", weights_only=True).keys() == finetune_llava.adapter_state_dict(model).keys()
     # A new process would do this: load the base, rebuild and load the adapters, answer in left-padded
     # batches of 3 (the two questions differ in length), with the KV cache.
     answers = finetune_llava.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
@@ -299,12 +299,12 @@ def test_torchrun_with_two_processes_matches_one_process(llava_dir, tmp_path):
     flags = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu",
              "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--dropout", "0"]
     finetune_llava.main(flags + ["--out", str(tmp_path / "one")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_llava.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hf.finetune_llava",
            *flags, "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
     one, two = (json.loads((tmp_path / d / "adapters.json").read_text()) for d in ("one", "two"))
     assert (one["processes"], two["processes"], one["steps"], two["steps"]) == (1, 2, 4, 4)
-    expected, got = (torch.load(tmp_path / d / "adapters.pt") for d in ("one", "two"))
+    expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("one", "two"))
     assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)

@@ -7,10 +7,10 @@ the authors' released code (build ΔW_n = B_n A_n per instance, then matmul). Th
 training step of the tiny model with LoRA vs MixLoRA, and its greedy generation with the KV
 cache vs re-reading the whole sequence at every step. Prints median times, memory, ratios.
 
-    python bench_mixlora.py                              # CPU, fp32
-    python bench_mixlora.py --device cuda --dtype bf16   # GPU: CUDA events, bf16 autocast
-    python bench_mixlora.py --quick                      # a seconds-long smoke run
-    python bench_mixlora.py --only generation            # just the generation table
+    python -m experiments.bench                              # CPU, fp32
+    python -m experiments.bench --device cuda --dtype bf16   # GPU: CUDA events, bf16 autocast
+    python -m experiments.bench --quick                      # a seconds-long smoke run
+    python -m experiments.bench --only generation            # just the generation table
 
 Memory: on a GPU, the peak allocated during the step; on the CPU (no allocator statistics),
 the bytes of the tensors autograd saves for backward, each storage counted once.
@@ -18,17 +18,17 @@ the bytes of the tensors autograd saves for backward, each storage counted once.
 
 import statistics
 import time
-from contextlib import nullcontext
+from dataclasses import replace
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 import cli
-import toy_tasks
 import train_toy
-from mixlora import LoRALinear, MixLoRALinear, _gather
-from tiny_mllm import TinyMLLM, Tokenizer
+from mixlora import LoRALinear, MixLoRALinear
+from tiny_mllm import TinyMLLM
+from train_toy import TOK, Config
 
 USER_SHAPES = [(16, 128, 1024), (8, 256, 2048), (4, 512, 4096)]  # (N, T, d), d_in = d_out = d
 
@@ -36,8 +36,7 @@ USER_SHAPES = [(16, 128, 1024), (8, 256, 2048), (4, 512, 4096)]  # (N, T, d), d_
 def per_instance_delta_forward(layer: MixLoRALinear, x: torch.Tensor) -> torch.Tensor:
     """The released code's formulation: materialise ΔW_n (N, d_out, d_in), then one bmm with it."""
     routing = layer.route(x)
-    A = _gather(layer.lora_A, routing.index_a)  # (N, r, d_in)
-    B = _gather(layer.lora_B.T, routing.index_b)  # (N, r, d_out)
+    A, B = layer.factors(routing)  # (N, r, d_in), (N, r, d_out)
     w = (routing.gate_a * routing.gate_b).to(A.dtype)  # (N, r)
     delta = layer.scaling * torch.bmm((B * w[..., None]).transpose(1, 2), A)  # (N, d_out, d_in)
     return layer.base(x) + torch.bmm(layer.dropout(x), delta.transpose(1, 2).to(x.dtype))
@@ -102,7 +101,7 @@ def layer_rows(N: int, T: int, d: int, E: int, r: int, device: torch.device, dty
         nn.init.normal_(layer.lora_B, std=0.01)
     x = torch.randn(N, T, d, device=device, requires_grad=True)
     grad = torch.randn(N, T, d, device=device)
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    cast = train_toy.autocast(device, dtype == "bf16")
 
     def step(forward):
         def run():
@@ -123,14 +122,14 @@ def layer_rows(N: int, T: int, d: int, E: int, r: int, device: torch.device, dty
 
 def tiny_model_rows(device: torch.device, dtype: str, repeats: int, quick: bool) -> list[tuple]:
     """A whole stage-2 training step of the toy model (forward, backward, AdamW)."""
-    tok = Tokenizer(toy_tasks.vocabulary())
-    args = train_toy.parse_args(["--quick"] if quick else [])
-    batch = train_toy.collate(train_toy.training_examples("instruct", 0, 0, args.batch_size), tok, device)
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    config = train_toy.quick(Config()) if quick else Config()
+    batch = train_toy.collate(train_toy.training_examples("instruct", 0, 0, config.batch_size), TOK, device)
+    cast = train_toy.autocast(device, dtype == "bf16")
     steps, params = {}, []
     for method in ("lora", "mixlora"):
         torch.manual_seed(0)
-        model = train_toy.adapt(TinyMLLM(train_toy.model_config(len(tok), quick)).to(device), args, method)
+        model = TinyMLLM(train_toy.model_config(len(TOK), quick)).to(device)
+        model = train_toy.adapt(model, replace(config, method=method))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
         def step(model=model, opt=opt):
@@ -140,22 +139,21 @@ def tiny_model_rows(device: torch.device, dtype: str, repeats: int, quick: bool)
             loss.backward()
             opt.step()
 
-        name = f"LoRA r={args.rank}" if method == "lora" else f"MixLoRA E={args.factors} r={args.rank}"
+        name = f"LoRA r={config.rank}" if method == "lora" else f"MixLoRA E={config.factors} r={config.rank}"
         steps[name], params = step, params + list(model.parameters())
     results = measure(steps, device, repeats, params)
-    return [(f"tiny model, batch {args.batch_size}", name, *results[name]) for name in steps]
+    return [(f"tiny model, batch {config.batch_size}", name, *results[name]) for name in steps]
 
 
 def generation_rows(device: torch.device, dtype: str, repeats: int, quick: bool) -> list[tuple]:
     """Greedy generation of the toy model with MixLoRA: KV cache vs re-reading the sequence each step."""
-    tok = Tokenizer(toy_tasks.vocabulary())
-    args = train_toy.parse_args(["--quick"] if quick else [])
     torch.manual_seed(0)
-    model = train_toy.adapt(TinyMLLM(train_toy.model_config(len(tok), quick)).to(device), args, "mixlora").eval()
+    model = TinyMLLM(train_toy.model_config(len(TOK), quick)).to(device)
+    model = train_toy.adapt(model, train_toy.quick(Config()) if quick else Config()).eval()  # MixLoRA E=16 r=4
     batch = 16 if quick else 256  # train_toy.evaluate's batch
     examples = train_toy.training_examples("instruct", 0, 0, batch)
-    images, prompts, prompt_lens = train_toy.collate(examples, tok, device, with_answer=False)
-    cast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    images, prompts, prompt_lens = train_toy.collate(examples, TOK, device, with_answer=False)
+    cast = train_toy.autocast(device, dtype == "bf16")
     rows = []
     for new in (4, model.config.max_text_len - prompts.shape[1]):  # the toy's answers; as long as fits
         def run(use_cache: bool, new: int = new):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import mechanism
-from mechanism import Config
+from experiments import common, mechanism
+from experiments.mechanism import Config
 from mixlora import MixLoRALinear
 
 torch.set_num_threads(1)
@@ -59,7 +59,7 @@ def test_routing_consistency_is_one_for_oracle_and_chance_for_random():
     cfg = Config()
     base, delta = mechanism.make_tasks(cfg, torch.Generator().manual_seed(0))
     x, task, _ = mechanism.sample(cfg, delta, 400, torch.Generator().manual_seed(1))
-    oracle = mechanism.OracleRouting(base, cfg.num_tasks, cfg.task_rank)
+    oracle = common.OracleRouting(base, cfg.num_tasks, cfg.task_rank)
     oracle.task = task
     routing = oracle.route(x)
     E = cfg.num_tasks * cfg.task_rank
@@ -77,8 +77,8 @@ def test_routing_consistency_is_one_for_oracle_and_chance_for_random():
 
 
 def test_quick_run_writes_its_table(tmp_path):
-    subprocess.run([sys.executable, "mechanism.py", "--quick", "--out", str(tmp_path)], check=True,
-                   cwd=Path(__file__).parent, capture_output=True)
+    subprocess.run([sys.executable, "-m", "experiments.mechanism", "--quick", "--out", str(tmp_path)], check=True,
+                   cwd=Path(__file__).parents[1], capture_output=True)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
             for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")}
     assert set(mechanism.METHODS) <= rows.keys()
@@ -101,14 +101,14 @@ def test_collapse_measures_on_known_scores():
     index = torch.tensor([[0, 1], [2, 3]])
     even = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.1, 0.1, 0.4, 0.4]])  # the chosen two share evenly
     taken = torch.tensor([[0.999, 0.001, 0.0, 0.0], [0.0, 0.0, 0.001, 0.999]])  # one takes it all
-    assert mechanism.top1_share(even, index) == pytest.approx(0.5)
-    assert mechanism.effective_chosen(even, index) == pytest.approx(2.0)
-    assert mechanism.top1_share(taken, index) == pytest.approx(0.999)
-    assert mechanism.effective_chosen(taken, index) == pytest.approx(1.0, abs=0.01)
+    assert common.top1_share(even, index) == pytest.approx(0.5)
+    assert common.effective_chosen(even, index) == pytest.approx(2.0)
+    assert common.top1_share(taken, index) == pytest.approx(0.999)
+    assert common.effective_chosen(taken, index) == pytest.approx(1.0, abs=0.01)
     E, r = 8, 2
     spread = torch.rand(4000, E, generator=torch.Generator().manual_seed(0)).topk(r, -1).indices
-    assert mechanism.usage_perplexity(spread, E) == pytest.approx(E, abs=0.05)  # every factor as often
-    assert mechanism.usage_perplexity(torch.tensor([[3, 5]]).expand(100, -1), E) == pytest.approx(r)
+    assert common.usage_perplexity(spread, E) == pytest.approx(E, abs=0.05)  # every factor as often
+    assert common.usage_perplexity(torch.tensor([[3, 5]]).expand(100, -1), E) == pytest.approx(r)
 
 
 def test_remedy_variants_route_as_they_say():

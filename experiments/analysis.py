@@ -1,82 +1,45 @@
 """The paper's analyses, measured on the toy suite: task interference, factor-selection maps, ablations.
 
-    python analysis.py interference   # I_ij and gradient cosines, LoRA and MixLoRA, A and B, every layer
-    python analysis.py selection      # t-SNE maps of MixLoRA's factor selections, kNN task purity
-    python analysis.py sweep          # ablations over 3 seeds: ranks, factors, CFS, routers, specialists
-    python analysis.py tune           # per-method learning rates picked on a validation split, then 3 seeds
+    python -m experiments.analysis interference   # I_ij and gradient cosines, LoRA and MixLoRA, A and B, every layer
+    python -m experiments.analysis selection      # t-SNE maps of MixLoRA's factor selections, kNN task purity
+    python -m experiments.analysis sweep          # ablations over 3 seeds: ranks, factors, CFS, routers, specialists
+    python -m experiments.analysis tune           # per-method learning rates picked on a validation split, then 3 seeds
 
-Each writes PNGs (drawn with pillow), Markdown and JSON under runs/analysis/. They reuse
-train_toy.py's cached stage-1 base and its training loop, so every number here comes from the
-same recipe as the README's main table. `--quick` runs each on the smoke-test model.
+Each writes PNGs (drawn with pillow), Markdown and JSON under experiments/results/analysis/. They
+reuse train_toy.py's stage-1 base (seed 0) and its training loop (experiments/common.py), so every
+number here comes from the same recipe as train_toy.py's table. `--quick` runs each on the
+smoke-test model.
 """
 
-import argparse
 import json
-import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import cli
-import mechanism
 import toy_tasks
 import train_toy
-from mixlora import MixLoRALinear
-from tiny_mllm import TinyMLLM, Tokenizer, answer_losses
+from experiments import common
+from experiments.common import FONT, PALETTE, cell
+from train_toy import Config
 
 TASKS = list(toy_tasks.TASKS)
-TOK = Tokenizer(toy_tasks.vocabulary())
-
-
-def toy_args(flags: list[str], common: argparse.Namespace) -> argparse.Namespace:
-    """train_toy.py's settings for one run, with this script's --quick/--device/--checkpoints
-    (and, for the sweep, --steps/--eval-size)."""
-    flags = ["--device", common.device, "--checkpoints", common.checkpoints] + common.toy_flags + flags
-    return train_toy.parse_args(flags + (["--quick"] if common.quick else []))
-
-
-def trained(flags: list[str], common: argparse.Namespace, seed: int = 0,
-            until: int | None = None) -> tuple[TinyMLLM, argparse.Namespace]:
-    """Stage 2 on the shared stage-1 base (seed 0); `seed` sets the adapter init and data order.
-    Checkpoints go to checkpoints/analysis/ (not train_toy.py's: its seed s uses base s); a
-    finished run is read back instead of retrained, a killed one resumed."""
-    args = toy_args(flags + ["--seed", "0"], common)
-    base, _ = train_toy.base_model(args, TOK, rank=0)
-    args.seed = seed
-    method = args.methods[0]
-    model = train_toy.adapt(base, args, method)
-    name = train_toy.run_name(args, method) + (f"-until{until}" if until else "")
-    train_or_load(model, name, args, Path(args.checkpoints) / "analysis" / f"{name}.ckpt", args.steps, until)
-    return model.eval(), args
-
-
-def train_or_load(model: TinyMLLM, name: str, args: argparse.Namespace, ckpt: Path, steps: int,
-                  until: int | None = None, tasks: list[toy_tasks.Task] | None = None) -> None:
-    """Stage 2 of model (train_toy.train) into ckpt: read back if it finished with this recipe,
-    resumed if it was killed, trained from the start otherwise."""
-    saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    same = saved is not None and saved["recipe"] == train_toy.recipe(args)
-    if same and saved["step"] == (until or steps):
-        train_toy.load_trainable_state(model, "instruct", saved["trainable"])
-    else:
-        args.resume = same  # continue a killed sweep where it stopped
-        train_toy.train(model, "instruct", name, args, TOK, steps, args.lr, ckpt, until=until, tasks=tasks)
 
 
 def task_batches(size: int, tag: str, heldout: bool = False) -> dict[str, list[toy_tasks.Example]]:
     tasks = {**toy_tasks.TASKS, **toy_tasks.HELDOUT_TASKS} if heldout else toy_tasks.TASKS
-    return {name: [toy_tasks.sample(task, random.Random(f"{tag}-{name}-{i}"), heldout=heldout) for i in range(size)]
-            for name, task in tasks.items()}
+    return {name: toy_tasks.samples(task, size, f"{tag}-{name}", heldout) for name, task in tasks.items()}
 
 
 # ---- 1. task interference ----------------------------------------------------------------------
 
 def interference(loss_fn: Callable[[object], torch.Tensor], grad_data: object, eval_data: object,
                  groups: dict[str, list[torch.nn.Parameter]], lr: float) -> dict[str, np.ndarray]:
-    """The task interference score (METHOD.md), per parameter group:
+    """The task interference score (docs/method.md §7.2), per parameter group:
 
         I[i, j] = E_{x in task i} [ 1 - L_i(θ - η ∇_θ L_j) / L_i(θ) ]
 
@@ -85,7 +48,7 @@ def interference(loss_fn: Callable[[object], torch.Tensor], grad_data: object, e
     grad_data, the losses it changes are measured on eval_data. θ is one group (e.g. a layer's
     LoRA A matrices); the rest of the model stays put.
     """
-    grads = task_gradients(loss_fn, grad_data, groups)
+    grads = common.task_gradients(loss_fn, grad_data, groups)
     scores = {}
     with torch.no_grad():
         before = loss_fn(eval_data)  # (M, n)
@@ -102,76 +65,23 @@ def interference(loss_fn: Callable[[object], torch.Tensor], grad_data: object, e
     return scores
 
 
-def task_gradients(loss_fn: Callable[[object], torch.Tensor], data: object,
-                   groups: dict[str, list[torch.nn.Parameter]]) -> list[dict[torch.nn.Parameter, torch.Tensor]]:
-    """∇_θ L_j for every task j (the mean of its per-example losses on data), for every parameter of the groups."""
-    params = [p for group in groups.values() for p in group]
-    losses = loss_fn(data).mean(1)  # (M,)
-    return [dict(zip(params, torch.autograd.grad(loss, params, retain_graph=True))) for loss in losses]
-
-
-def gradient_cosines(loss_fn: Callable[[object], torch.Tensor], data: object, other_data: object,
-                     groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, np.ndarray]:
-    """Gradient conflict without a step size (PCGrad's measure), per parameter group:
-
-        C[i, j] = cos(∇_θ L_i, ∇_θ L_j) over the group's flattened parameters, in [-1, 1]
-
-    < 0: the tasks pull θ apart. Task i's gradient comes from data and task j's from other_data,
-    symmetrised: off the diagonal this is the plain cosine (the tasks' examples differ anyway),
-    and the diagonal, instead of a trivial 1, is the agreement of two independent batches of
-    one task: the ceiling that gradient noise leaves for the off-diagonal entries.
-    """
-    first, second = task_gradients(loss_fn, data, groups), task_gradients(loss_fn, other_data, groups)
-
-    def unit(grads: list[dict], group: list[torch.nn.Parameter]) -> torch.Tensor:  # (M, |θ|)
-        flat = torch.stack([torch.cat([g[p].flatten() for p in group]) for g in grads]).double()
-        return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
-
-    cosines = {}
-    for name, group in groups.items():
-        c = unit(first, group) @ unit(second, group).T
-        cosines[name] = ((c + c.T) / 2).numpy()
-    return cosines
-
-
-def example_losses(model: TinyMLLM, batches: dict[str, list[toy_tasks.Example]]) -> torch.Tensor:
-    """Per-example answer loss, (M tasks, n): one forward over every task's examples (each
-    instance's loss depends on that instance alone, padding and all)."""
-    examples = [e for batch in batches.values() for e in batch]
-    images, tokens, prompt_lens = train_toy.collate(examples, TOK, next(model.parameters()).device)
-    logits, _ = model(images, tokens, prompt_lens)
-    ce, is_answer = answer_losses(logits, tokens, prompt_lens)  # (N, L - 1) each
-    return ((ce * is_answer).sum(1) / is_answer.sum(1)).view(len(batches), -1).cpu()
-
-
-def adapter_groups(model: TinyMLLM) -> dict[str, list[torch.nn.Parameter]]:
-    """{"layer 0 A": [lora_A of every adapted linear of block 0], "layer 0 B": [...], ...}"""
-    groups: dict[str, list[torch.nn.Parameter]] = {}
-    for ell, block in enumerate(model.layers):
-        adapters = [m for m in block.modules() if hasattr(m, "lora_A")]
-        groups[f"layer {ell} A"] = [m.lora_A for m in adapters]
-        groups[f"layer {ell} B"] = [m.lora_B for m in adapters]
-    return groups
-
-
-def run_interference(common: argparse.Namespace) -> dict:
-    """I (the one-step score) and the gradient cosine for LoRA r=4 and MixLoRA E=16 r=4, at 1/4
-    of their (same) training schedule: {"I" | "cosine": {method: {group: (M, M)}}}."""
-    size = 16 if common.quick else 64
+def run_interference(config: Config, lr: float, out: Path) -> dict:
+    """I (the one-step score, step size lr) and the gradient cosine for LoRA r=4 and MixLoRA E=16
+    r=4, at 1/4 of their (same) training schedule: {"I" | "cosine": {method: {group: (M, M)}}}."""
+    size = 16 if config.quick else 64
     grad_data, eval_data = task_batches(size, "grad"), task_batches(size, "eval")
     results: dict[str, dict] = {"I": {}, "cosine": {}}
-    for label, flags in [("LoRA r=4", ["--methods", "lora"]), ("MixLoRA E=16 r=4", ["--methods", "mixlora"])]:
-        args = toy_args(flags, common)
-        model, _ = trained(flags, common, until=max(1, args.steps // 4))
-        loss_fn = lambda d: example_losses(model, d)
-        scores = interference(loss_fn, grad_data, eval_data, adapter_groups(model), common.interference_lr)
-        cosines = gradient_cosines(loss_fn, grad_data, eval_data, adapter_groups(model))
+    for label, method in [("LoRA r=4", "lora"), ("MixLoRA E=16 r=4", "mixlora")]:
+        model = common.trained(replace(config, method=method), until=max(1, config.steps // 4))
+        loss_fn = lambda d: common.example_losses(model, d)
+        scores = interference(loss_fn, grad_data, eval_data, common.adapter_groups(model), lr)
+        cosines = common.gradient_cosines(loss_fn, grad_data, eval_data, common.adapter_groups(model))
         results["I"][label] = {k: v.tolist() for k, v in scores.items()}
         results["cosine"][label] = {k: v.tolist() for k, v in cosines.items()}
         heatmaps(scores, f"{label}: interference I[i, j] of task j (column) on task i (row), x100",
-                 Path(common.out) / f"interference-{flags[1]}.png")
+                 out / f"interference-{method}.png")
         heatmaps(cosines, f"{label}: gradient cosine of task i (row) and task j (column); diagonal: two batches of one task",
-                 Path(common.out) / f"gradient-cosine-{flags[1]}.png", scale=1, digits=2)
+                 out / f"gradient-cosine-{method}.png", scale=1, digits=2)
     return results
 
 
@@ -194,31 +104,9 @@ def conflict_summary(results: dict, scale: float) -> str:
 
 # ---- 2. factor-selection maps --------------------------------------------------------------------
 
-def selections(model: TinyMLLM, examples: list[toy_tasks.Example], blocks: list[int]) -> dict[int, np.ndarray]:
-    """Each instance's selection at a block: the multi-hot (E,) of S^A and of S^B of each of the
-    block's adapted linears, concatenated: {block: (n, 12·E) bool}. Routed on the prompt only."""
-    device = next(model.parameters()).device
-    chosen: dict[int, list[np.ndarray]] = {b: [] for b in blocks}
-    with torch.no_grad():
-        for i in range(0, len(examples), 256):
-            model(*train_toy.collate(examples[i:i + 256], TOK, device, with_answer=False))
-            for b in blocks:
-                hots = []
-                for m in model.layers[b].modules():
-                    if isinstance(m, MixLoRALinear):
-                        for index in (m.last_routing.index_a, m.last_routing.index_b):
-                            hots.append(torch.zeros(len(index), m.num_factors, dtype=torch.bool,
-                                                    device=index.device).scatter_(1, index, True))
-                chosen[b].append(torch.cat(hots, 1).cpu().numpy())
-    return {b: np.concatenate(chosen[b]) for b in blocks}
-
-
 def jaccard_distances(hot: np.ndarray) -> np.ndarray:
     """(n, k) multi-hot -> (n, n) Jaccard distance 1 - |a ∩ b| / |a ∪ b|."""
-    h = hot.astype(np.float64)
-    both = h @ h.T
-    either = h.sum(1)[:, None] + h.sum(1)[None, :] - both
-    return 1 - both / np.maximum(either, 1)
+    return 1 - common.jaccard(torch.from_numpy(hot).double()).numpy()
 
 
 def nearest(distances: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -274,11 +162,12 @@ def tsne(distances: np.ndarray, perplexity: float = 30.0, iters: int = 1000, see
     return y - y.mean(0)
 
 
-def run_selection(common: argparse.Namespace) -> dict:
+def run_selection(config: Config, out: Path) -> dict:
     """Selections of MixLoRA E=16 r=4 trained with train_toy.py's default recipe, on new images:
     seen tasks with seen and with held-out templates, and the held-out task."""
-    model, args = trained(["--methods", "mixlora"], common)
-    n = 8 if common.quick else 60
+    config = replace(config, method="mixlora")
+    model = common.trained(config)
+    n = 8 if config.quick else 60
     groups = [(name, "seen", batch) for name, batch in task_batches(n, "map").items()]
     groups += [(name, "held-out template" if name in toy_tasks.TASKS else "held-out task", batch)
                for name, batch in task_batches(n // 2, "map-heldout", heldout=True).items()]
@@ -286,14 +175,13 @@ def run_selection(common: argparse.Namespace) -> dict:
     labels = np.array([name for name, _, batch in groups for _ in batch])
     kinds = np.array([kind for _, kind, batch in groups for _ in batch])
     blocks = sorted({0, len(model.layers) // 2, len(model.layers) - 1})
-    chosen = selections(model, examples, blocks)
+    chosen = common.selections(model, examples, blocks)
 
     # Baselines: the same instances through untrained MixLoRA (random routers at init, on the
     # same base), and input-independent random routing (each instance draws random factors).
-    untrained = train_toy.adapt(train_toy.base_model(toy_args(["--seed", "0"], common), TOK, rank=0)[0], args, "mixlora")
-    at_init = selections(untrained.eval(), examples, blocks)
+    at_init = common.selections(common.untrained(config).eval(), examples, blocks)
     rng = np.random.default_rng(0)
-    E, r = args.factors, args.rank
+    E, r = config.factors, config.rank
     seen = kinds == "seen"
     report = {"blocks": blocks, "k": 10, "purity": {}, "heldout_task_neighbours": {}}
     panels = []
@@ -313,73 +201,42 @@ def run_selection(common: argparse.Namespace) -> dict:
         report["heldout_task_neighbours"][f"layer {b}"] = {str(k): round(float(v) / near.size, 3) for k, v in
                                                          sorted(zip(names, counts), key=lambda x: -x[1])}
         panels.append((f"layer {b}: kNN task purity {purity['trained routers']:.2f} "
-                       f"(random {purity['random routing']:.2f})", tsne(D, perplexity=10 if common.quick else 30)))
-    scatter(panels, labels, kinds, Path(common.out) / "factor-selection-map.png")
+                       f"(random {purity['random routing']:.2f})", tsne(D, perplexity=10 if config.quick else 30)))
+    scatter(panels, labels, kinds, out / "factor-selection-map.png")
     return report
 
 
 # ---- 3. ablations ------------------------------------------------------------------------------
 
-SWEEP = [(f"LoRA r={r}", ["--methods", "lora", "--rank", str(r)]) for r in (2, 4, 8, 16)]
-SWEEP += [(f"MixLoRA E={E} r={r}", ["--methods", "mixlora", "--factors", str(E), "--rank", str(r)])
-          for E in (16, 32) for r in (2, 4, 8)]
-SWEEP += [("MixLoRA E=16 r=4, IFS only", ["--methods", "mixlora", "--no-cfs"]),
-          ("MixLoRA E=16 r=4, frozen routers", ["--methods", "mixlora", "--frozen-routers"]),
-          ("MixLoRA E=16 r=4, sigmoid scores", ["--methods", "mixlora", "--scores", "sigmoid"])]
+SWEEP = [(f"LoRA r={r}", dict(method="lora", rank=r)) for r in (2, 4, 8, 16)]
+SWEEP += [(f"MixLoRA E={E} r={r}", dict(method="mixlora", factors=E, rank=r)) for E in (16, 32) for r in (2, 4, 8)]
+SWEEP += [("MixLoRA E=16 r=4, IFS only", dict(method="mixlora", conditional=False)),
+          ("MixLoRA E=16 r=4, frozen routers", dict(method="mixlora", router_grad=False)),
+          ("MixLoRA E=16 r=4, sigmoid scores", dict(method="mixlora", scores="sigmoid"))]
 
 
-def accuracy(flags: list[str], common: argparse.Namespace, seed: int, split: str = "eval",
-             only: str | None = None) -> dict[str, dict[str, float]]:
+def accuracy(config: Config, out: Path, split: str = "eval", only: str | None = None) -> dict[str, dict[str, float]]:
     """Exact-match accuracy of one run ({split: {task: %}}) on the evaluation sets (split "eval";
-    `only` keeps one task's) or on the validation split ("val"), trained if need be and cached
-    as JSON under runs/analysis/sweep/ by run name."""
-    args = toy_args(flags + ["--seed", str(seed)], common)
-    cache = Path(common.out) / "sweep" / f"{train_toy.run_name(args, args.methods[0])}-{split}{args.eval_size}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    model, args = trained(flags, common, seed)
+    `only` keeps one task's) or on the validation split ("val"), with router collapse for MixLoRA."""
     if split == "val":
-        sets = train_toy.validation_sets(args.eval_size)
+        sets = train_toy.validation_sets(config.eval_size)
     else:
-        sets = {key: v for key, v in train_toy.evaluation_sets(args.eval_size).items() if only in (None, key[0])}
-    result = train_toy.evaluate(model, TOK, sets)
-    if args.methods[0] == "mixlora":
-        result["routing"] = router_collapse(model, [e for batch in task_batches(32, "collapse").values() for e in batch])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result))
-    return result
+        sets = {key: v for key, v in train_toy.evaluation_sets(config.eval_size).items() if only in (None, key[0])}
+    collapse = [e for batch in task_batches(32, "collapse").values() for e in batch] if config.method == "mixlora" else None
+    return common.accuracy(config, sets, f"{split}{config.eval_size}", out, collapse_on=collapse)
 
 
-@torch.no_grad()
-def router_collapse(model: TinyMLLM, examples: list[toy_tasks.Example]) -> dict[str, dict[str, float]]:
-    """Does the router saturate? Per block, the mean over its MixLoRA linears of mechanism.py's
-    measures on the prompts of `examples`: the top-1 share of the chosen p^A (1/r: the chosen
-    factors share the score evenly, 1: one takes it all), the effective number of chosen factors
-    (r ... 1), and the factor usage perplexity (E: every factor as often, r: always the same)."""
-    model.eval()
-    model(*train_toy.collate(examples, TOK, next(model.parameters()).device, with_answer=False))
-    report = {}
-    for ell, block in enumerate(model.layers):
-        layers = [m for m in block.modules() if isinstance(m, MixLoRALinear)]
-        routings = [(m.last_routing, m.num_factors) for m in layers]
-        report[f"layer {ell}"] = {
-            "top1_share": float(np.mean([mechanism.top1_share(r.p_a, r.index_a) for r, _ in routings])),
-            "effective_chosen": float(np.mean([mechanism.effective_chosen(r.p_a, r.index_a) for r, _ in routings])),
-            "usage": float(np.mean([mechanism.usage_perplexity(r.index_a, E) for r, E in routings]))}
-    return report
-
-
-def run_sweep(common: argparse.Namespace) -> dict:
+def run_sweep(config: Config, seeds: list[int], out: Path) -> dict:
     """Every SWEEP row and a per-task LoRA r=4 specialist (trained on its task alone for 1/8 of
     the steps: the same examples of its task as the mixture gives), for each seed."""
     results: dict[str, dict[str, list[dict]]] = {}
-    steps = toy_args([], common).steps
-    jobs = [(label, flags, None) for label, flags in SWEEP]
-    jobs += [("LoRA specialist r=4", ["--methods", "lora", "--tasks", t, "--steps", str(max(1, steps // len(TASKS)))], t)
+    jobs = [(label, replace(config, **changes), None) for label, changes in SWEEP]
+    jobs += [("LoRA specialist r=4", replace(config, method="lora", tasks=(t,), steps=max(1, config.steps // len(TASKS))), t)
              for t in TASKS]
-    for seed in common.seeds:
-        for label, flags, only in jobs:
-            results.setdefault(label, {}).setdefault(str(seed), []).append(accuracy(flags, common, seed, only=only))
+    for seed in seeds:
+        for label, job, only in jobs:
+            results.setdefault(label, {}).setdefault(str(seed), []).append(
+                accuracy(replace(job, seed=seed), out, only=only))
     # A specialist row's accuracy on each task is that task's own specialist's.
     return {label: [merge(runs) for runs in by_seed.values()] for label, by_seed in results.items()}
 
@@ -395,10 +252,10 @@ def merge(runs: list[dict]) -> dict:
 # ---- 4. per-method learning rates ---------------------------------------------------------------
 
 LEARNING_RATES = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
-TUNED = [("LoRA r=4", ["--methods", "lora"]),
-         ("MixLoRA E=16 r=4", ["--methods", "mixlora"]),
-         ("MixLoRA E=16 r=4, α=2E", ["--methods", "mixlora", "--alpha", "32"]),  # the released scale
-         ("MixLoRA E=16 r=4, sigmoid scores", ["--methods", "mixlora", "--scores", "sigmoid"])]
+TUNED = [("LoRA r=4", dict(method="lora")),
+         ("MixLoRA E=16 r=4", dict(method="mixlora")),
+         ("MixLoRA E=16 r=4, α=2E", dict(method="mixlora", alpha=32.0)),  # the released scale
+         ("MixLoRA E=16 r=4, sigmoid scores", dict(method="mixlora", scores="sigmoid"))]
 
 
 def pick_lr(validation: dict[float, float]) -> float:
@@ -407,24 +264,24 @@ def pick_lr(validation: dict[float, float]) -> float:
     return max(sorted(validation), key=lambda lr: validation[lr])  # max keeps the first of equals
 
 
-def run_tune(common: argparse.Namespace) -> dict:
+def run_tune(config: Config, seeds: list[int], tune_seeds: list[int], out: Path) -> dict:
     """Each TUNED row at every LEARNING_RATES on the tuning seeds, scored by the mean over tasks
     of the validation split (also averaged over those seeds); pick_lr chooses. Then the picked
     rate and train_toy.py's rate on the evaluation sets, for every seed: the tuned rows first,
     so that an interrupted run has the comparison that matters."""
     validation: dict[str, dict[float, float]] = {}
     picked: dict[str, float] = {}
-    for label, flags in TUNED:
-        validation[label] = {lr: float(np.mean([np.mean(list(accuracy(flags + ["--lr", f"{lr:g}"], common, seed, "val")
-                                                             ["validation"].values())) for seed in common.tune_seeds]))
+    for label, changes in TUNED:
+        validation[label] = {lr: float(np.mean([common.mean_accuracy(accuracy(
+            replace(config, **changes, lr=lr, seed=seed), out, "val"), "validation") for seed in tune_seeds]))
                              for lr in LEARNING_RATES}
         picked[label] = pick_lr(validation[label])
-    rows = [(label, flags, picked[label]) for label, flags in TUNED]
-    rows += [(label, flags, train_toy.DEFAULT_LR) for label, flags in TUNED if picked[label] != train_toy.DEFAULT_LR]
+    rows = [(label, changes, picked[label]) for label, changes in TUNED]
+    rows += [(label, changes, train_toy.DEFAULT_LR) for label, changes in TUNED if picked[label] != train_toy.DEFAULT_LR]
     table = {}
-    for label, flags, lr in rows:
+    for label, changes, lr in rows:
         name = f"{label}, lr {lr:g}" + (" (tuned)" if lr == picked[label] else "")
-        table[name] = [accuracy(flags + ["--lr", f"{lr:g}"], common, seed) for seed in common.seeds]
+        table[name] = [accuracy(replace(config, **changes, lr=lr, seed=seed), out) for seed in seeds]
     return {"validation": validation, "picked": picked, "table": table}
 
 
@@ -439,9 +296,6 @@ def tune_tables(results: dict) -> str:
 
 def sweep_tables(table: dict) -> str:
     """Averages per row (mean ± sample std over seeds), then every task of the seen templates."""
-    def cell(values: list[float]) -> str:
-        return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-
     lines = ["| Model | Seeds | Seen avg | Held-out templates avg | Held-out task (digit_colour) |", "|---|---|---|---|---|"]
     for label, runs in table.items():
         seen = [np.mean([r["seen"][t] for t in TASKS]) for r in runs]
@@ -478,41 +332,34 @@ def collapse_table(table: dict) -> str:
 
 # ---- pictures ----------------------------------------------------------------------------------
 
-FONT = ImageFont.load_default(size=12)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (23, 190, 207), (188, 189, 34)]
-
-
-def heatmaps(scores: dict[str, np.ndarray], title: str, path: Path, cell: int = 38, scale: float = 100,
+def heatmaps(scores: dict[str, np.ndarray], title: str, path: Path, px: int = 38, scale: float = 100,
              digits: int = 1) -> None:
     """One panel per group (columns: layers, rows: A then B); red positive, blue negative, one
-    colour scale for the whole figure, the score x scale written in each cell."""
+    colour scale for the whole figure, the score x scale written in each cell (px pixels wide)."""
     names = list(scores)
     layers = sorted({n.rsplit(" ", 1)[0] for n in names}, key=lambda s: int(s.split()[1]))
     M, label_w = len(TASKS), 72
-    panel = label_w + M * cell + 16
-    img = Image.new("RGB", (panel * len(layers), 44 + 2 * (label_w + M * cell + 24)), "white")
+    panel = label_w + M * px + 16
+    img = Image.new("RGB", (panel * len(layers), 44 + 2 * (label_w + M * px + 24)), "white")
     draw = ImageDraw.Draw(img)
     draw.text((6, 6), title, fill="black", font=FONT)
     vmax = max(np.abs(s).max() for s in scores.values()) or 1.0
     for c, layer in enumerate(layers):
         for r, part in enumerate("AB"):
             s = scores[f"{layer} {part}"]
-            x0, y0 = c * panel + label_w, 44 + r * (label_w + M * cell + 24) + label_w
+            x0, y0 = c * panel + label_w, 44 + r * (label_w + M * px + 24) + label_w
             draw.text((x0, y0 - label_w - 16), f"{layer}, LoRA {part}", fill="black", font=FONT)
             for i in range(M):
-                draw.text((x0 - label_w + 2, y0 + i * cell + cell // 3), TASKS[i], fill="black", font=FONT)
+                draw.text((x0 - label_w + 2, y0 + i * px + px // 3), TASKS[i], fill="black", font=FONT)
                 name = Image.new("RGB", (label_w - 8, 14), "white")
                 ImageDraw.Draw(name).text((0, 0), TASKS[i], fill="black", font=FONT)
-                img.paste(name.rotate(90, expand=True), (x0 + i * cell + cell // 3, y0 - label_w + 6))
+                img.paste(name.rotate(90, expand=True), (x0 + i * px + px // 3, y0 - label_w + 6))
                 for j in range(M):
-                    t = min(1.0, abs(s[i, j]) / vmax)
-                    fade = int(255 * (1 - t))
-                    colour = (255, fade, fade) if s[i, j] > 0 else (fade, fade, 255)
-                    box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1)
+                    colour, ink = common.heat(s[i, j], vmax)
+                    box = (x0 + j * px, y0 + i * px, x0 + (j + 1) * px - 1, y0 + (i + 1) * px - 1)
                     draw.rectangle(box, fill=colour)
-                    draw.text((box[0] + 3, box[1] + cell // 3), f"{scale * s[i, j]:.{digits}f}",
-                              fill="white" if t > 0.6 else "black", font=FONT)
+                    draw.text((box[0] + 3, box[1] + px // 3), f"{scale * s[i, j]:.{digits}f}",
+                              fill=ink, font=FONT)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
@@ -557,33 +404,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--interference-lr", type=cli.above(0.0), default=0.01, help="η of the one SGD step in I")
     p.add_argument("--device", type=cli.device, default="auto")
     p.add_argument("--quick", action="store_true", help="the smoke-test model and a few steps")
-    p.add_argument("--out", default="runs/analysis")
+    p.add_argument("--out", default=None, help="default: experiments/results/analysis (runs/analysis-quick with --quick)")
     p.add_argument("--checkpoints", default="checkpoints")
     p.add_argument("--steps", type=cli.at_least(1), help="sweep, tune: stage-2 steps (default: train_toy.py's)")
     p.add_argument("--eval-size", type=cli.at_least(1), help="sweep, tune: examples per task and split (default: train_toy.py's)")
-    common = p.parse_args(argv)
-    common.toy_flags = [f for flag, value in [("--steps", common.steps), ("--eval-size", common.eval_size)]
-                        if value is not None for f in (flag, str(value))]
-    out = Path(common.out)
+    args = p.parse_args(argv)
+    out = Path(args.out or ("runs/analysis-quick" if args.quick else "experiments/results/analysis"))
+    config = common.config(args.quick, args.device, args.checkpoints,
+                           **{k: v for k, v in [("steps", args.steps), ("eval_size", args.eval_size)] if v is not None})
     out.mkdir(parents=True, exist_ok=True)
-    if common.command == "interference":
-        results = run_interference(common)
-        text = (f"Interference I (x100, η = {common.interference_lr}):\n\n" + conflict_summary(results["I"], 100)
+    if args.command == "interference":
+        results = run_interference(config, args.interference_lr, out)
+        text = (f"Interference I (x100, η = {args.interference_lr}):\n\n" + conflict_summary(results["I"], 100)
                 + "\n\nGradient cosine:\n\n" + conflict_summary(results["cosine"], 1))
-    elif common.command == "selection":
-        results = run_selection(common)
+    elif args.command == "selection":
+        results = run_selection(config, out)
         text = "kNN task purity (k = 10), seen tasks:\n\n" + "\n".join(
             f"- {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in purity.items())
             for layer, purity in results["purity"].items())
         text += "\n\nThe held-out task's 10 nearest seen-task selections, by task:\n\n" + "\n".join(
             f"- {layer}: {shares}" for layer, shares in results["heldout_task_neighbours"].items())
-    elif common.command == "sweep":
-        results = run_sweep(common)
+    elif args.command == "sweep":
+        results = run_sweep(config, args.seeds, out)
         text = sweep_tables(results)
     else:
-        results = {**run_tune(common), "tune_seeds": common.tune_seeds, "seeds": common.seeds}
+        results = {**run_tune(config, args.seeds, args.tune_seeds, out), "tune_seeds": args.tune_seeds, "seeds": args.seeds}
         text = tune_tables(results)
-    stem = common.command + ("-quick" if common.quick else "")
+    stem = args.command + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(text + "\n")
     print(text)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import toy_tasks
 import train_toy
+from dataclasses import replace
 from mixlora import MixLoRALinear, add_mixlora, load_adapter_state_dict
 from tiny_mllm import TinyMLLM, Tokenizer
 
@@ -129,8 +130,8 @@ def test_quick_run_end_to_end(quick_run):
 
 def test_cached_generation_equals_uncached_and_teacher_forcing_and_holds_the_prompts_routing(quick_run):
     _, result = quick_run
-    args = train_toy.parse_args(["--quick"])
-    model = train_toy.adapt(small_model(), args, "mixlora")
+    config, = train_toy.parse_args(["--quick", "--methods", "mixlora"])
+    model = train_toy.adapt(small_model(), config)
     load_adapter_state_dict(model, result["rows"][2]["adapters"])
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
@@ -175,8 +176,8 @@ def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatc
     argv = ["--quick", "--methods", "mixlora", "--out", str(tmp_path / "runs"), "--checkpoints", str(tmp_path / "ckpt")]
     real_save, saves = train_toy.save_atomically, []
 
-    def save_then_crash(obj, path):
-        real_save(obj, path)
+    def save_then_crash(write, path):
+        real_save(write, path)
         saves.append(path)
         if "mixlora" in path.name and len([p for p in saves if "mixlora" in p.name]) == 5:
             raise Interrupted  # killed right after the 5th stage-2 checkpoint (step 5 of 12)
@@ -185,7 +186,7 @@ def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatc
     with pytest.raises(Interrupted):
         train_toy.main(argv)
     monkeypatch.setattr(train_toy, "save_atomically", real_save)
-    saved = torch.load(saves[-1], weights_only=False)
+    saved = torch.load(saves[-1], weights_only=True)
     assert saved["step"] == 5
     resumed = train_toy.main(argv + ["--resume"])
     expected, got = uninterrupted["rows"][2]["adapters"], resumed["rows"][1]["adapters"]
@@ -195,8 +196,8 @@ def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatc
 
 
 def test_every_adapter_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search():
-    args = train_toy.parse_args(["--quick", "--factors", "32", "--rank", "1"])
-    model = train_toy.adapt(small_model(), args, "mixlora")
+    config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--factors", "32", "--rank", "1"])
+    model = train_toy.adapt(small_model(), config)
     images, tokens, prompt_lens = train_toy.collate(examples(2), TOK, torch.device("cpu"))
     model(images, tokens, prompt_lens)[1].backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -211,24 +212,24 @@ def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
     one, _ = quick_run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_toy.py",
            "--quick", "--device", "cpu", "--out", str(tmp_path / "runs"), "--checkpoints", str(tmp_path / "ckpt")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "toy-s0-quick.json").read_text())["processes"] == 2
     base = "base-quick-s0-steps12-bs16.pt"
-    expected, got = (torch.load(d / base, weights_only=False)["model"] for d in (one / "ckpt", tmp_path / "ckpt"))
+    expected, got = (torch.load(d / base, weights_only=True)["model"] for d in (one / "ckpt", tmp_path / "ckpt"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
     for name in ["lora-r4-s0-steps12-quick.ckpt", "mixlora-E16-r4-s0-steps12-quick.ckpt"]:
-        expected, got = (torch.load(d / name, weights_only=False) for d in (one / "ckpt", tmp_path / "ckpt"))
+        expected, got = (torch.load(d / name, weights_only=True) for d in (one / "ckpt", tmp_path / "ckpt"))
         assert got["step"] == expected["step"] == 12
         assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in got["trainable"].items())
         torch.testing.assert_close(got["trainable"], expected["trainable"], rtol=1e-3, atol=1e-4)
 
 
-# ---- bench_mixlora.py ----------------------------------------------------------------------------
+# ---- experiments/bench.py ----------------------------------------------------------------------------
 
 def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys):
-    import bench_mixlora
-    rows, generation = bench_mixlora.main(["--quick"])
+    from experiments import bench
+    rows, generation = bench.main(["--quick"])
     out = capsys.readouterr().out
     assert [(new, name) for new, _, name, _ in generation][:2] == [(4, "uncached"), (4, "KV cache")]
     assert len(generation) == 4 and generation[2][0] > 4 and all(ms > 0 for *_, ms in generation)
@@ -242,13 +243,13 @@ def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys)
     layer = MixLoRALinear(torch.nn.Linear(12, 10, dtype=torch.float64), 8, 3)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 7, 12, dtype=torch.float64)
-    torch.testing.assert_close(bench_mixlora.per_instance_delta_forward(layer, x), layer(x))
+    torch.testing.assert_close(bench.per_instance_delta_forward(layer, x), layer(x))
 
 
-# ---- analysis.py ---------------------------------------------------------------------------------
+# ---- experiments/analysis.py ---------------------------------------------------------------------------------
 
 def test_interference_is_negative_for_conflicting_tasks_and_positive_for_identical_ones():
-    import analysis
+    from experiments import analysis
     torch.manual_seed(0)
     # Columns of X orthogonal with XᵀX/n = I: one SGD step scales every example's residual alike.
     X = torch.linalg.qr(torch.randn(64, 5, dtype=torch.float64)).Q * 8
@@ -269,7 +270,7 @@ def test_interference_is_negative_for_conflicting_tasks_and_positive_for_identic
 
 
 def test_gradient_cosine_is_one_for_identical_tasks_minus_one_for_opposite_and_zero_for_orthogonal():
-    import analysis
+    from experiments import analysis, common
     torch.manual_seed(0)
     X = torch.linalg.qr(torch.randn(64, 4, dtype=torch.float64)).Q * 8  # XᵀX/n = I: ∇L_t ∝ -(target direction)
     e = torch.eye(4, dtype=torch.float64)
@@ -283,7 +284,7 @@ def test_gradient_cosine_is_one_for_identical_tasks_minus_one_for_opposite_and_z
     # in group a and the same as w in group b.
     w, u = e[0] + e[2], e[1] + e[2]
     targets = torch.stack([X @ w, X @ w, -X @ w, X @ u])
-    cos = analysis.gradient_cosines(losses, targets, targets.clone(), {"a": [theta_a], "b": [theta_b]})
+    cos = common.gradient_cosines(losses, targets, targets.clone(), {"a": [theta_a], "b": [theta_b]})
     np.testing.assert_allclose(cos["a"], [[1, 1, -1, 0], [1, 1, -1, 0], [-1, -1, 1, 0], [0, 0, 0, 1]], atol=1e-12)
     np.testing.assert_allclose(cos["b"], [[1, 1, -1, 1], [1, 1, -1, 1], [-1, -1, 1, -1], [1, 1, -1, 1]], atol=1e-12)
     summary = analysis.conflict_summary({"toy": {"layer 0 A": cos["a"].round(9)}}, scale=1)  # exact zeros
@@ -291,46 +292,47 @@ def test_gradient_cosine_is_one_for_identical_tasks_minus_one_for_opposite_and_z
 
 
 def test_alpha_and_lr_flags_set_the_scale_and_name_their_runs():
-    args = train_toy.parse_args(["--quick", "--methods", "mixlora"])
-    assert args.alpha == 8 and train_toy.run_name(args, "mixlora") == "mixlora-E16-r4-s0-steps12-quick"  # as before
-    args = train_toy.parse_args(["--quick", "--methods", "mixlora", "--alpha", "32", "--lr", "1e-3"])
-    assert train_toy.run_name(args, "mixlora") == "mixlora-E16-r4-lr0.001-alpha32-s0-steps12-quick"
-    model = train_toy.adapt(small_model(), args, "mixlora")
+    config, = train_toy.parse_args(["--quick", "--methods", "mixlora"])
+    assert config.scale_alpha == 8 and train_toy.run_name(config) == "mixlora-E16-r4-s0-steps12-quick"  # as before
+    config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--alpha", "32", "--lr", "1e-3"])
+    assert train_toy.run_name(config) == "mixlora-E16-r4-lr0.001-alpha32-s0-steps12-quick"
+    assert train_toy.run_name(replace(config, rank=8)) == "mixlora-E16-r8-lr0.001-alpha32-s0-steps12-quick"
+    assert train_toy.run_name(replace(config, rank=16)) == "mixlora-E16-r16-lr0.001-s0-steps12-quick"  # α = 32 = 2r
+    model = train_toy.adapt(small_model(), config)
     assert {m.scaling for m in model.modules() if isinstance(m, MixLoRALinear)} == {8.0}  # α/r = 2E/r
 
 
 def test_router_collapse_is_even_for_uniform_scores_and_one_for_a_saturated_block():
-    import analysis
-    args = train_toy.parse_args(["--quick", "--methods", "mixlora"])
-    model = train_toy.adapt(small_model(), args, "mixlora")
+    from experiments import analysis, common
+    config, = train_toy.parse_args(["--quick", "--methods", "mixlora"])
+    model = train_toy.adapt(small_model(), config)
     examples = [e for batch in analysis.task_batches(4, "collapse-test").values() for e in batch]
     for block, scale in [(model.layers[0], 0.0), (model.layers[1], 1e4)]:
         with torch.no_grad():
             for m in block.modules():
                 if isinstance(m, MixLoRALinear):
                     m.router_A.mul_(scale)
-    report = analysis.router_collapse(model, examples)
-    r = args.rank
+    report = common.router_collapse(model, examples)
+    r = config.rank
     # Block 0: all-zero logits, p^A = 1/E for every factor: the chosen share evenly.
     assert report["layer 0"]["top1_share"] == pytest.approx(1 / r) and report["layer 0"]["effective_chosen"] == pytest.approx(r)
     assert report["layer 0"]["usage"] == pytest.approx(r)  # ties: every instance the same r factors
     # Block 1: logits x 10^4, the softmax is one-hot: the largest chosen factor has it all.
     assert report["layer 1"]["top1_share"] > 0.99 and report["layer 1"]["effective_chosen"] < 1.05
-    assert r < report["layer 1"]["usage"] <= args.factors
+    assert r < report["layer 1"]["usage"] <= config.factors
 
 
 def test_pick_lr_takes_the_best_validation_score_and_the_smaller_rate_on_a_tie():
-    import analysis
+    from experiments import analysis
     assert analysis.pick_lr({5e-4: 60.0, 1e-3: 70.0, 2e-3: 70.0, 4e-3: 65.0}) == 1e-3
     assert analysis.pick_lr({8e-3: 61.0, 2e-3: 60.0}) == 8e-3
 
 
 def test_tune_picks_on_the_validation_split_only(tmp_path, monkeypatch):
-    import analysis
+    from experiments import analysis, common
     # Fake training and evaluation: the validation split favours lr 1e-3, the evaluation sets
     # favour 8e-3. A pick that looked at the evaluation sets would choose 8e-3.
-    monkeypatch.setattr(analysis, "trained", lambda flags, common, seed=0, until=None: (
-        analysis.toy_args(flags + ["--seed", str(seed)], common).lr, analysis.toy_args(flags, common)))
+    monkeypatch.setattr(common, "trained", lambda config, adapt=None, until=None: config.lr)
     evaluated = []
 
     def evaluate(lr, tok, sets):
@@ -340,7 +342,7 @@ def test_tune_picks_on_the_validation_split_only(tmp_path, monkeypatch):
         return {split: {task: 90.0 if lr == best else 50.0 for task, s in sets if s == split} for split in splits}
 
     monkeypatch.setattr(train_toy, "evaluate", evaluate)
-    monkeypatch.setattr(analysis, "router_collapse", lambda model, examples: {
+    monkeypatch.setattr(common, "router_collapse", lambda model, examples: {
         "layer 0": {"top1_share": 0.5, "effective_chosen": 2.0, "usage": 8.0}})
     results = analysis.main(["tune", "--quick", "--seeds", "0,1", "--out", str(tmp_path), "--checkpoints", str(tmp_path)])
     assert results["picked"] == {label: 1e-3 for label, _ in analysis.TUNED}
@@ -371,7 +373,7 @@ def random_selections(groups: list[list[int]], per_group: int, r: int, seed: int
 
 
 def test_tsne_puts_two_separated_clusters_apart():
-    import analysis
+    from experiments import analysis
     hot, labels = random_selections([list(range(8)), list(range(8, 16))], per_group=40, r=4)
     y = analysis.tsne(analysis.jaccard_distances(hot), perplexity=10, iters=500)
     a, b = y[labels == 0], y[labels == 1]
@@ -382,7 +384,7 @@ def test_tsne_puts_two_separated_clusters_apart():
 
 
 def test_knn_purity_is_one_for_task_aligned_routing_and_chance_for_random_routing():
-    import analysis
+    from experiments import analysis
     aligned, labels = random_selections([[2 * t, 2 * t + 1] for t in range(8)], per_group=50, r=2)
     assert analysis.knn_purity(analysis.jaccard_distances(aligned), labels) == 1.0
     random_hot, labels = random_selections([list(range(16))] * 8, per_group=50, r=4, seed=1)

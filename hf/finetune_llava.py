@@ -1,10 +1,10 @@
 """Fine-tune a Hugging Face LLaVA with MixLoRA (or LoRA) through the Trainer, then answer prompts.
 
-    python finetune_llava.py --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
-        --out runs/llava-mixlora                      # train: writes adapters.pt and adapters.json there
-    python finetune_llava.py --generate prompts.json --image-folder images --out runs/llava-mixlora
-                                                      # answer: writes runs/llava-mixlora/answers.json
-    torchrun --nproc_per_node 2 finetune_llava.py ... # data parallel (DDP through accelerate; gloo on the CPU)
+    python -m hf.finetune_llava --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
+        --out runs/llava-mixlora                         # train: writes adapters.pt and adapters.json there
+    python -m hf.finetune_llava --generate prompts.json --image-folder images --out runs/llava-mixlora
+                                                         # answer: writes runs/llava-mixlora/answers.json
+    torchrun --nproc_per_node 2 -m hf.finetune_llava ... # data parallel (DDP through accelerate; gloo on the CPU)
 
 --model is a local checkpoint directory (a LlavaForConditionalGeneration and its processor) or, with
 a network, a hub id. --data is LLaVA's conversation JSON, one single-turn record per image:
@@ -37,7 +37,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, 
 
 import cli
 from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
-                     mark_only_adapters_trainable, routing_mask)
+                     mark_only_adapters_trainable, routing_mask, save_atomically)
 
 PROMPT = "USER: {human} ASSISTANT:"  # LLaVA v1's conversation template; the answer follows after a space
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear of the LM
@@ -206,16 +206,6 @@ def add_adapters(model: LlavaForConditionalGeneration, config: dict) -> None:
                     config["dropout"], scores=config["scores"])
 
 
-def save_atomically(write, path: Path) -> None:
-    """write(file) to a temporary file, flush it to disk, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_json(obj, path: Path) -> None:
     save_atomically(lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()), path)
 
@@ -282,7 +272,7 @@ def generate(args: argparse.Namespace) -> list[dict]:
     processor = AutoProcessor.from_pretrained(args.model or config["model"])
     model = LlavaForConditionalGeneration.from_pretrained(args.model or config["model"], dtype=dtype)
     add_adapters(model, config)
-    load_adapter_state_dict(model, torch.load(out / "adapters.pt", map_location="cpu"))
+    load_adapter_state_dict(model, torch.load(out / "adapters.pt", map_location="cpu", weights_only=True))
     model.to(device, dtype).eval()
     collate, tok = Collator(processor, train=False), processor.tokenizer
     answers = []
