@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             tasks = list(train_toy.suite(config).values())
             # At the start only B has a gradient (A's is zero while B = 0); at 1/4 of the schedule, both.
             lora = replace(config, **METHODS["LoRA r=4"])
-            quarter = common.trained(lora, until=max(1, args.steps // 4))
+            quarter = common.trained(lora, until=max(1, lora.steps // 4))
             results["cosine"][key] = {"start": gradient_conflict(common.untrained(lora).eval(), tasks, args.quick, "B"),
                                       "quarter": gradient_conflict(quarter, tasks, args.quick)}
             results["runs"][key] = {label: [accuracy(label, replace(config, seed=seed), out) for seed in seeds]
