@@ -110,7 +110,7 @@ class Routing(NamedTuple):
     p_b: Tensor | None = None  # (N, E): p^B = IFS + λ CFS, which S^B is the top-r of
 
 
-def _straight_through(p: Tensor, index: Tensor) -> Tensor:
+def straight_through(p: Tensor, index: Tensor) -> Tensor:
     """w = (g - g.detach()) + 1 with g = p[index]: exactly 1 forward, ∂w/∂p = ∂g/∂p backward.
 
     The bracket is exactly 0, so w is exactly 1; 1 + g - g.detach() would round, and E = r
@@ -211,7 +211,7 @@ class MixLoRALinear(_LowRankAdapter):
             index_b = self.top_r(p_b)  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
             p_a, p_b = p_a.detach(), p_b.detach()
-        return Routing(index_a, index_b, _straight_through(p_a, index_a), _straight_through(p_b, index_b), p_a, p_b)
+        return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
 
     def top_r(self, p: Tensor) -> Tensor:
         """S = the r factors of largest score p (N, E), sorted ascending: the canonical order."""

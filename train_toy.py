@@ -41,7 +41,7 @@ from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_sta
                      mark_only_adapters_trainable, save_atomically)
 from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer, answer_mask
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # every LM linear
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # every LM linear
 METHODS = ("lora", "mixlora")
 TOK = Tokenizer(toy_tasks.vocabulary())
 
@@ -58,6 +58,8 @@ class Config:
     scores: str = "softmax"  # MixLoRA's router scores: "softmax" (the paper) or "sigmoid"
     alpha: float | None = None  # the adapters' α (scale α/r); None: 2r
     train_projector: bool = False  # also train the projector (LLaVA's recipe)
+    targets: tuple[str, ...] = TARGETS  # the LM linears that get adapters
+    router_lr: float = 1.0  # the routers' learning rate, as a multiple of lr (Poly trains its routing faster)
     conflict: tuple[int, float] | None = None  # train on toy_tasks.conflict_tasks(K, κ), not the suite
     tasks: tuple[str, ...] | None = None  # only these of the training suite's tasks (a specialist)
     steps: int = 800  # stage 2
@@ -265,7 +267,11 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
     # routers) never change, so they need no broadcast.
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router_" in n]
+    groups = [{"params": params, "scale": 1.0}] if config.router_lr == 1.0 else [
+        {"params": [p for p in params if all(p is not q for q in routers)], "scale": 1.0},
+        {"params": routers, "scale": config.router_lr}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     start = 0
     if config.resume and ckpt.exists():
         saved = torch.load(ckpt, map_location=device, weights_only=True)
@@ -286,7 +292,7 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
         examples = training_examples(stage, config.seed, step, config.batch_size, rank, world, tasks)
         images, tokens, prompt_lens = collate(examples, TOK, device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = group["scale"] * lr_at(step, steps, lr)
         with autocast(device):
             _, loss = ddp(images, tokens, prompt_lens)  # mean over this process's answer tokens
         if world > 1:
@@ -368,12 +374,14 @@ def run_name(config: Config) -> str:
     """The checkpoint's name: every setting that differs from the defaults, then seed and steps."""
     c = config
     name = f"{c.method}-r{c.rank}" if c.method == "lora" else f"{c.method}-E{c.factors}-r{c.rank}"
-    if c.method == "mixlora":
+    if c.method != "lora":
         name += "-ifs" if not c.conditional else ""
         name += "-frozen" if not c.router_grad else ""
         name += "-sigmoid" if c.scores == "sigmoid" else ""
     name += "-proj" if c.train_projector else ""
     name += "-only-" + "+".join(c.tasks) if c.tasks else ""
+    name += "-on-" + "+".join(c.targets) if c.targets != TARGETS else ""
+    name += f"-routerlr{c.router_lr:g}" if c.router_lr != 1.0 else ""
     name += f"-lr{c.lr:g}" if c.lr != DEFAULT_LR else ""
     name += f"-alpha{c.alpha:g}" if c.scale_alpha != 2 * c.rank else ""
     name += f"-K{c.conflict[0]}-conflict{c.conflict[1]:g}" if c.conflict else ""
@@ -385,9 +393,9 @@ def adapt(model: TinyMLLM, config: Config) -> TinyMLLM:
     unless config.alpha says otherwise)."""
     torch.manual_seed(config.seed + 1)  # the same adapter init for every run of a seed
     if config.method == "lora":
-        add_lora(model, TARGETS, config.rank, alpha=config.scale_alpha)
+        add_lora(model, config.targets, config.rank, alpha=config.scale_alpha)
     elif config.method == "mixlora":
-        add_mixlora(model, TARGETS, config.factors, config.rank, alpha=config.scale_alpha,
+        add_mixlora(model, config.targets, config.factors, config.rank, alpha=config.scale_alpha,
                     conditional=config.conditional, router_grad=config.router_grad, scores=config.scores)
     else:
         raise ValueError(f"unknown method {config.method!r}; expected one of {', '.join(METHODS)}")

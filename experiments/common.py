@@ -98,25 +98,29 @@ class OracleRouting(MixLoRALinear):
 
 
 def add_oracle(model: TinyMLLM, config: Config) -> TinyMLLM:
-    """An Adapt for the conflict tasks: every LM linear becomes an OracleRouting layer of E = K·r
-    factors. The task is read where a router can read it: the instruction word among the prompt's
-    tokens (a hook on the embedding sees every whole text, in training and in the prefill; decode
-    steps hold the prefill's routing)."""
+    """An Adapt for the conflict tasks: every target linear becomes an OracleRouting layer of E = K·r
+    factors, told its instances' task by read_task."""
     tasks = list(train_toy.suite(config).values())
     torch.manual_seed(config.seed + 1)
-    replace_linears(model, train_toy.TARGETS, lambda base: OracleRouting(base, len(tasks), config.rank))
-    layers = [m for m in model.modules() if isinstance(m, OracleRouting)]
+    replace_linears(model, config.targets, lambda base: OracleRouting(base, len(tasks), config.rank))
+    read_task(model, tasks, [m for m in model.modules() if isinstance(m, OracleRouting)])
+    return mark_only_adapters_trainable(model)
+
+
+def read_task(model: TinyMLLM, tasks: list[toy_tasks.Task], layers: list[nn.Module]) -> None:
+    """Set layer.task (N,) of every layer from the instruction word among the prompt's tokens: where
+    a router could read it. A hook on the embedding sees every whole text, in training and in the
+    prefill; decode steps hold the prefill's routing."""
     words = torch.tensor([TOK.stoi[task.name] for task in tasks])
 
-    def read_task(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         tokens = inputs[0]
         if tokens.dim() == 2:  # (N, L): a whole text; a decode step embeds (N,) tokens
             task = (tokens[:, :, None] == words.to(tokens.device)).any(1).float().argmax(-1)  # (N,)
             for layer in layers:
                 layer.task = task
 
-    model.embed.register_forward_hook(read_task)
-    return mark_only_adapters_trainable(model)
+    model.embed.register_forward_hook(hook)
 
 
 # ---- routing: which factors, and how peaked ------------------------------------------------------
@@ -126,6 +130,32 @@ def jaccard(hot: Tensor) -> Tensor:
     both = hot @ hot.T
     either = hot.sum(1)[:, None] + hot.sum(1)[None, :] - both
     return both / either.clamp_min(1)
+
+
+def routing_view(model: TinyMLLM, examples: list[toy_tasks.Example]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """What each block's routers read and chose: x̄ (the prompt-masked mean of the input of the
+    block's first MixLoRA linear), {block: (n, d_in)}, and the selections, {block: (n, 12·E) bool}."""
+    firsts = [next(m for m in block.modules() if isinstance(m, MixLoRALinear)) for block in model.layers]
+    seen: dict[int, list[np.ndarray]] = {b: [] for b in range(len(firsts))}
+
+    def keep_x_bar(block: int):
+        def hook(layer: MixLoRALinear, inputs: tuple, output: Tensor) -> None:
+            m = layer.mask.to(inputs[0].dtype)  # (N, T): the prompt, as routing_mask set it
+            seen[block].append(((m[..., None] * inputs[0]).sum(1) / m.sum(1, keepdim=True)).cpu().numpy())  # (N, d_in)
+        return hook
+
+    hooks = [layer.register_forward_hook(keep_x_bar(b)) for b, layer in enumerate(firsts)]
+    hots = selections(model, examples, list(range(len(model.layers))))  # forwards of ≤ 256 examples
+    for h in hooks:
+        h.remove()
+    return {b: np.concatenate(x) for b, x in seen.items()}, hots
+
+
+def conflict_sets(tasks: list[toy_tasks.Task], size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]:
+    """The conflict knob's evaluation sets: new images, seen and held-out phrasings; the images depend
+    on the task's word and the split only, so every κ, K and method is scored on the same images."""
+    return {(task.name, split): toy_tasks.samples(task, size, f"eval-conflict-{task.name}-{split}", split == "heldout")
+            for task in tasks for split in ("seen", "heldout")}
 
 
 def selections(model: TinyMLLM, examples: list[toy_tasks.Example], blocks: list[int]) -> dict[int, np.ndarray]:

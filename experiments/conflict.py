@@ -36,7 +36,6 @@ import toy_tasks
 import train_toy
 from experiments import common, mechanism
 from experiments.common import cell
-from mixlora import MixLoRALinear
 from tiny_mllm import TinyMLLM
 from train_toy import Config
 
@@ -54,13 +53,6 @@ ROUTED = ["MixLoRA E=16 r=4", "MixLoRA E=16 r=4, sigmoid scores", "MixLoRA oracl
 
 
 # ---- one run -------------------------------------------------------------------------------------
-
-def evaluation_sets(tasks: list[toy_tasks.Task], size: int) -> dict[tuple[str, str], list[toy_tasks.Example]]:
-    """New images, seen and held-out phrasings; the images depend on the task's word and the split
-    only, so every κ, K and method is scored on the same images."""
-    return {(task.name, split): toy_tasks.samples(task, size, f"eval-conflict-{task.name}-{split}", split == "heldout")
-            for task in tasks for split in ("seen", "heldout")}
-
 
 def run(label: str, config: Config) -> tuple[Config, common.Adapt]:
     """The Config and the adapters of one method (config names K, κ and the seed)."""
@@ -81,16 +73,16 @@ def specialists(config: Config) -> list[Config]:
 def accuracy(label: str, config: Config, out: Path) -> dict:
     """{split: {task: exact match %}} (and, for the trained routers, router_collapse per block)."""
     tasks = list(train_toy.suite(config).values())
-    collapse = [e for t in tasks for e in evaluation_sets([t], 32)[t.name, "seen"]] if label in ROUTED[:2] else None
+    collapse = [e for t in tasks for e in common.conflict_sets([t], 32)[t.name, "seen"]] if label in ROUTED[:2] else None
     if label == "LoRA specialists r=4":  # each task's accuracy is its own specialist's
         result: dict = {}
         for run_config, task in zip(specialists(config), tasks):
-            for split, scores in common.accuracy(run_config, evaluation_sets([task], config.eval_size),
+            for split, scores in common.accuracy(run_config, common.conflict_sets([task], config.eval_size),
                                                  "conflict", out).items():
                 result.setdefault(split, {}).update(scores)
         return result
     run_config, adapt = run(label, config)
-    return common.accuracy(run_config, evaluation_sets(tasks, config.eval_size), "conflict", out, adapt, collapse)
+    return common.accuracy(run_config, common.conflict_sets(tasks, config.eval_size), "conflict", out, adapt, collapse)
 
 
 def gradient_conflict(model: TinyMLLM, tasks: list[toy_tasks.Task], quick: bool, parts: str = "AB") -> dict[str, float]:
@@ -117,22 +109,10 @@ def routing_separation(model: TinyMLLM, tasks: list[toy_tasks.Task]) -> dict[str
     averaged over the pairs of tasks. In mechanism.py, d' = s·√(2T): 8 at s = 2, 2 at s = 0.5.
     """
     per_task = 32
-    examples = [e for t in tasks for e in evaluation_sets([t], per_task)[t.name, "seen"]]
+    examples = [e for t in tasks for e in common.conflict_sets([t], per_task)[t.name, "seen"]]
     labels = np.repeat(np.arange(len(tasks)), per_task)
     same, other = labels[:, None] == labels[None, :], ~np.eye(len(labels), dtype=bool)
-    firsts = [next(m for m in block.modules() if isinstance(m, MixLoRALinear)) for block in model.layers]
-    seen: dict[int, np.ndarray] = {}
-
-    def keep_x_bar(block: int):
-        def hook(layer: MixLoRALinear, inputs: tuple, output: torch.Tensor) -> None:
-            m = layer.mask.to(inputs[0].dtype)  # (N, T): the prompt, as routing_mask set it
-            seen[block] = ((m[..., None] * inputs[0]).sum(1) / m.sum(1, keepdim=True)).cpu().numpy()  # (N, d_in)
-        return hook
-
-    hooks = [layer.register_forward_hook(keep_x_bar(b)) for b, layer in enumerate(firsts)]
-    hots = common.selections(model, examples, list(range(len(model.layers))))  # one forward (≤ 256 examples)
-    for h in hooks:
-        h.remove()
+    seen, hots = common.routing_view(model, examples)
     sims = [common.jaccard(torch.from_numpy(hot).double()).numpy() for hot in hots.values()]
     return {"within": float(np.mean([s[same & other].mean() for s in sims])),
             "between": float(np.mean([s[~same].mean() for s in sims])),

@@ -13,6 +13,7 @@ ENTRY_POINTS = {
     "experiments/mechanism.py": ("experiments.mechanism", "main", []),
     "experiments/bench.py": ("experiments.bench", "main", []),
     "experiments/conflict.py": ("experiments.conflict", "main", []),
+    "experiments/routers.py": ("experiments.routers", "main", []),
     "hf/finetune_llava.py": ("hf.finetune_llava", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
 }
 NEEDS = {"hf/finetune_llava.py": "transformers"}  # optional dependencies: skip without them
@@ -29,6 +30,8 @@ BAD = {  # every numeric and device flag of every entry point, with values out o
                          ("--dtype", "fp8")] + NO_CUDA,
     "experiments/conflict.py": [("--num-tasks", "7"), ("--num-tasks", "1"), ("--seeds", "-1"), ("--steps", "0"),
                     ("--threads", "0"), ("--device", "tpu")] + NO_CUDA,
+    "experiments/routers.py": [("--cells", "K9"), ("--methods", "LoRA r=4,magic"), ("--seeds", "-1"), ("--steps", "0"),
+                               ("--points", "0"), ("--threads", "0"), ("--device", "tpu")] + NO_CUDA,
     "hf/finetune_llava.py": [("--factors", "0"), ("--rank", "0"), ("--alpha", "0"), ("--lr", "-1"), ("--lr", "inf"),
                           ("--dropout", "-0.1"), ("--dropout", "1"), ("--epochs", "0"), ("--steps", "0"),
                           ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--max-new-tokens", "0"),

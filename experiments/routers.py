@@ -1,0 +1,459 @@
+"""Routers that find the task: learning curves on the conflict knob, what trained routers read, and
+ways of training them, each measured against oracle routing, whose answer is known.
+
+    python -m experiments.routers                                # every cell, method and seed -> experiments/results/routers/
+    python -m experiments.routers --cells K6 --methods "LoRA r=4,oracle" --seeds 0   # a part; runs are cached
+    python -m experiments.routers --quick                        # the same pipeline on the smoke-test model (CI)
+
+conflict.py found trained routing blind to the task (within-task Jaccard = between-task Jaccard)
+while oracle routing learns every conflict cell, and its 300-step table measures when learning
+happens rather than what can be learnt. Here every run trains one schedule of --steps steps and is
+evaluated along it, every steps/--points steps: the checkpoint of each point resumes bit-identically
+(tests/test_toy.py checks resuming), so a curve is that of one uninterrupted run. At every point:
+exact match on the seen phrasings, and for every routed run, per block:
+
+- probe: can a linear classifier read the task from x̄, what the block's routers read? A
+  multinomial logistic regression, fitted on half of the diagnostic prompts, scored on the other;
+- separation: the mean Jaccard similarity of two instances' selections within a task minus between
+  tasks (the oracle: 1 − 0; blind routing: 0);
+- stability: the share of instances whose selection changed since the previous point;
+- collapse: common.router_collapse (top-1 share of the chosen p^A, effective chosen factors, usage).
+
+The routers (METHODS): the paper's (softmax scores), ours (sigmoid scores), frozen random routers
+(what the released code trains), task-ID routing (Poly's learnt table per task, which needs the
+label), the oracle, and remedies from four families, each a few lines below: counterfactual credit
+for the factors not chosen, exploration by Gumbel top-r, a data-dependent start (k-means of x̄, as
+MoCLE clusters instructions) and instruction-only x̄, and Poly's two-speed learning rate.
+"""
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import cli
+import toy_tasks
+import train_toy
+from experiments import common
+from experiments.common import cell
+from mixlora import MixLoRALinear, Routing, mark_only_adapters_trainable, replace_linears, straight_through
+from tiny_mllm import TinyMLLM
+from train_toy import Config
+
+CELLS = {  # the conflict knob at full conflict, adapters on every LM linear or on the down_proj's only
+    "K6": dict(conflict=(6, 1.0)),
+    "K4": dict(conflict=(4, 1.0)),
+    "K6 down_proj": dict(conflict=(6, 1.0), targets=("down_proj",)),
+}
+
+
+# ---- routers: the remedies, each a few lines on top of MixLoRALinear -----------------------------
+
+class _Credit(torch.autograd.Function):
+    """Identity on the chosen factors F (N, r, d). In backward it also gives the scores p (N, E) of
+    the factors *not* chosen a gradient: the first-order change of the loss had factor e been added
+    in its best slot, min_j ⟨∂L/∂F_j, pool_e⟩ — what the straight-through gate gives a chosen factor
+    (∂L/∂w_j = ⟨∂L/∂F_j, F_j⟩), so chosen and unchosen factors are credited in the same units."""
+
+    @staticmethod
+    def forward(ctx, F: Tensor, p: Tensor, index: Tensor, pool: Tensor) -> Tensor:
+        ctx.save_for_backward(index, pool)
+        ctx.p_dtype = p.dtype
+        return F.view_as(F)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, pool = ctx.saved_tensors
+        credit = (grad @ pool.T.to(grad.dtype)).min(1).values  # (N, r, E) -> (N, E): the best slot
+        return grad, credit.to(ctx.p_dtype).scatter(1, index, 0.0), None, None  # the chosen have their gates
+
+
+class CounterfactualCredit(MixLoRALinear):
+    """Straight-through gates credit only the chosen factors, so a router learns only how much each
+    chosen factor helped; this also credits every other factor with its first-order effect."""
+
+    def factors(self, routing: Routing) -> tuple[Tensor, Tensor]:
+        A, B = super().factors(routing)
+        if self.training and self.router_grad:
+            A = _Credit.apply(A, routing.p_a, routing.index_a, self.lora_A)
+            B = _Credit.apply(B, routing.p_b, routing.index_b, self.lora_B.T)
+        return A, B
+
+
+class GumbelTopR(MixLoRALinear):
+    """Exploration: in training, S = top-r(log p + τ g) with g ~ Gumbel(0, 1), τ falling linearly
+    from 1 to 0 over the first `explore` training steps (a buffer, so a resumed run goes on where it
+    was); the gates and evaluation are MixLoRA's."""
+
+    def __init__(self, *args, explore: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.explore = explore
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
+        self.tau = 0.0
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        self.tau = max(0.0, 1.0 - int(self.trained_steps) / self.explore) if self.training else 0.0
+        self.trained_steps += int(self.training)
+        return super().route(x, mask)
+
+    def top_r(self, p: Tensor) -> Tensor:
+        if self.tau > 0:
+            gumbel = -torch.log(-torch.log(torch.rand_like(p).clamp(1e-20, 1.0)))
+            p = p.clamp_min(1e-30).log() + self.tau * gumbel
+        return super().top_r(p)
+
+
+class CreditGumbel(CounterfactualCredit, GumbelTopR):
+    """Both: Gumbel's exploration picks the factors, and every factor is credited."""
+
+
+class InstructionOnly(MixLoRALinear):
+    """x̄ over the instruction's positions only: the prompt mask without the image tokens."""
+
+    image_tokens = 0  # set from the model: its number of image patches
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        if mask is not None:
+            mask = mask.clone()
+            mask[:, :self.image_tokens] = False
+        return super().route(x, mask)
+
+
+class TaskTable(MixLoRALinear):
+    """Task-ID routing, as Poly (Ponti et al., 2022) routes: a learnt table of logits per task and
+    pool, read by the task label (set .task), relaxed in training by Poly's Gumbel-sigmoid (logistic
+    noise on the logits), and here top-r with straight-through gates. It needs the label."""
+
+    def __init__(self, base: nn.Linear, num_factors: int, rank: int, num_tasks: int, **kwargs):
+        super().__init__(base, num_factors, rank, conditional=False, **kwargs)
+        self.router_table = nn.Parameter(torch.empty(2, num_tasks, num_factors).uniform_(-1e-3, 1e-3))
+        self.task: Tensor | None = None
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        z = self.router_table[:, self.task]  # (2, N, E): the a- and b-pool's logits
+        if self.training:
+            u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
+            z = z + torch.log(u) - torch.log1p(-u)  # logistic noise: Gumbel-sigmoid
+        p_a, p_b = torch.sigmoid(z)
+        index_a, index_b = self.top_r(p_a), self.top_r(p_b)
+        return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
+
+
+# ---- building a run ----------------------------------------------------------------------------
+
+def variant(layer: type[MixLoRALinear], **extra) -> common.Adapt:
+    """An Adapt that puts `layer` (a MixLoRALinear) on the config's targets, as train_toy.adapt does."""
+    def adapt(model: TinyMLLM, config: Config) -> TinyMLLM:
+        torch.manual_seed(config.seed + 1)  # the same pools and routers at init as MixLoRA's of the seed
+        replace_linears(model, config.targets, lambda base: layer(
+            base, config.factors, config.rank, alpha=config.scale_alpha, conditional=config.conditional,
+            router_grad=config.router_grad, scores=config.scores, **extra))
+        return mark_only_adapters_trainable(model)
+    return adapt
+
+
+def task_table(model: TinyMLLM, config: Config) -> TinyMLLM:
+    tasks = list(train_toy.suite(config).values())
+    torch.manual_seed(config.seed + 1)
+    replace_linears(model, config.targets, lambda base: TaskTable(
+        base, config.factors, config.rank, len(tasks), alpha=config.scale_alpha))
+    common.read_task(model, tasks, [m for m in model.modules() if isinstance(m, TaskTable)])
+    return mark_only_adapters_trainable(model)
+
+
+def instruction_only(model: TinyMLLM, config: Config) -> TinyMLLM:
+    InstructionOnly.image_tokens = model.config.num_patches
+    return variant(InstructionOnly)(model, config)
+
+
+def gumbel(model: TinyMLLM, config: Config) -> TinyMLLM:
+    """Gumbel top-r, exploring over the first half of the schedule."""
+    return variant(GumbelTopR, explore=max(1, config.steps // 2))(model, config)
+
+
+def credit_gumbel(model: TinyMLLM, config: Config) -> TinyMLLM:
+    return variant(CreditGumbel, explore=max(1, config.steps // 2))(model, config)
+
+
+def kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.Adapt:
+    """A data-dependent start: R^A and R^B of every layer point at the E k-means centroids of the
+    x̄ that the layer's router reads on `prompts` training prompts (made orthogonal to their mean,
+    which a bias-free router cannot subtract), scaled to logits of standard deviation 2."""
+    def start(model: TinyMLLM, config: Config) -> TinyMLLM:
+        model = adapt(model, config)
+        layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+        seen = {layer: x_bar_recorder(layer) for layer in layers}
+        examples = train_toy.training_examples("kmeans", config.seed, 0, prompts, tasks=train_toy.training_tasks(config))
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model.eval()(*train_toy.collate(examples, train_toy.TOK, device, with_answer=False))
+            model.train()
+            gen = torch.Generator().manual_seed(config.seed)
+            for layer, record in seen.items():
+                record.handle.remove()
+                x = record.x_bar.double().cpu()  # (n, d_in)
+                mean = x.mean(0)
+                centroids = k_means(x, layer.num_factors, iters, gen) - mean  # (E, d_in)
+                centroids -= centroids @ mean[:, None] * mean / mean.dot(mean)  # ⟂ the mean
+                directions = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                scale = 2.0 / (x @ directions.T).std().clamp_min(1e-12)
+                for router in (layer.router_A, layer.router_B):
+                    router.copy_((scale * directions).to(router))
+        return model
+    return start
+
+
+class x_bar_recorder:
+    """Keeps the x̄ a MixLoRA layer's router reads on its next forward (its masked mean)."""
+
+    def __init__(self, layer: MixLoRALinear):
+        self.x_bar: Tensor | None = None
+        self.handle = layer.register_forward_pre_hook(self.keep)
+
+    def keep(self, layer: MixLoRALinear, inputs: tuple) -> None:
+        x, mask = inputs[0], layer.mask.clone()
+        if isinstance(layer, InstructionOnly):
+            mask[:, :layer.image_tokens] = False
+        m = mask.to(x.dtype)
+        self.x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+
+
+def k_means(x: Tensor, k: int, iters: int, gen: torch.Generator) -> Tensor:
+    """Lloyd's algorithm from k points drawn at random: (n, d) -> (k, d) centroids."""
+    centroids = x[torch.randperm(len(x), generator=gen)[:k]].clone()
+    for _ in range(iters):
+        nearest = torch.cdist(x, centroids).argmin(1)  # (n,)
+        for j in range(k):
+            if (nearest == j).any():
+                centroids[j] = x[nearest == j].mean(0)
+    return centroids
+
+
+# label: (how the run differs from the cell's Config, its Adapt)
+METHODS: dict[str, tuple[dict, common.Adapt]] = {
+    "LoRA r=4": (dict(method="lora", rank=4), train_toy.adapt),
+    "LoRA r=16": (dict(method="lora", rank=16), train_toy.adapt),
+    "MixLoRA softmax (the paper)": (dict(method="mixlora"), train_toy.adapt),
+    "MixLoRA sigmoid": (dict(method="mixlora", scores="sigmoid"), train_toy.adapt),
+    "frozen routers (released code)": (dict(method="mixlora", router_grad=False), train_toy.adapt),
+    "task table (Poly; needs the label)": (dict(method="tasktable"), task_table),
+    "oracle": (dict(method="oracle"), common.add_oracle),
+    "counterfactual credit": (dict(method="credit", scores="sigmoid"), variant(CounterfactualCredit)),
+    "Gumbel top-r": (dict(method="gumbel", scores="sigmoid"), gumbel),
+    "k-means start": (dict(method="mixlora-kmeans", scores="sigmoid"), kmeans(variant(MixLoRALinear))),
+    "instruction-only x̄": (dict(method="instruction", scores="sigmoid"), instruction_only),
+    "routers 100x lr (Poly)": (dict(method="mixlora", scores="sigmoid", router_lr=100.0), train_toy.adapt),
+    "instruction-only + k-means": (dict(method="instruction-kmeans", scores="sigmoid"), kmeans(instruction_only)),
+    "credit + Gumbel + 100x lr": (dict(method="credit-gumbel", scores="sigmoid", router_lr=100.0), credit_gumbel),
+}
+ROUTED = [m for m in METHODS if not m.startswith("LoRA")]
+
+
+# ---- measuring along one schedule ----------------------------------------------------------------
+
+def probe(x: np.ndarray, labels: np.ndarray) -> float:
+    """Can a linear map read the task from x (n, d)? The test accuracy of a multinomial logistic
+    regression (L-BFGS, a little L2) fitted on every other instance of each task, scored on the rest."""
+    X, y = torch.from_numpy(x).double(), torch.from_numpy(labels)
+    fit = torch.arange(len(y)) % 2 == 0
+    mean, std = X[fit].mean(0), X[fit].std(0).clamp_min(1e-8)
+    X = (X - mean) / std  # standardised on the fitted half
+    W = torch.zeros(X.shape[1], int(y.max()) + 1, dtype=torch.double, requires_grad=True)
+    b = torch.zeros(W.shape[1], dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(X[fit] @ W + b, y[fit]) + 1e-3 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(((X[~fit] @ W + b).argmax(1) == y[~fit]).double().mean())
+
+
+def diagnose(model: TinyMLLM, tasks: list[toy_tasks.Task], per_task: int, before: dict | None) -> dict:
+    """The routing of one model, per block: probe, within and between Jaccard, the share of
+    instances whose selection changed since `before` (the previous point's), and router collapse."""
+    examples = [e for t in tasks for e in toy_tasks.samples(t, per_task, f"routers-{t.name}")]
+    labels = np.repeat(np.arange(len(tasks)), per_task)
+    x_bars, hots = common.routing_view(model, examples)
+    same, other = labels[:, None] == labels[None, :], ~np.eye(len(labels), dtype=bool)
+    sims = [common.jaccard(torch.from_numpy(hot).double()).numpy() for hot in hots.values()]
+    report = {"probe": [probe(x, labels) for x in x_bars.values()],
+              "within": [float(s[same & other].mean()) for s in sims],
+              "between": [float(s[~same].mean()) for s in sims],
+              "hots": {b: hot.tolist() for b, hot in hots.items()}}
+    if before is not None:
+        report["changed"] = [float((np.array(before["hots"][b]) != hot).any(1).mean()) for b, hot in hots.items()]
+    layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+    if all(m.last_routing.p_a is not None for m in layers):  # the oracle has no scores
+        report["collapse"] = common.router_collapse(model, examples)
+    return report
+
+
+def along(config: Config, adapt: common.Adapt, steps: list[int]):
+    """Yield (step, model in eval mode) at each of `steps` along one schedule of config.steps: the
+    run trains on from the last point, resumed from its checkpoint, so every model is the one an
+    uninterrupted run has at that step (tests/test_routers.py checks it)."""
+    model = common.untrained(config, adapt)
+    ckpt = Path(config.checkpoints) / "experiments" / f"{train_toy.run_name(config)}-curve.ckpt"
+    ckpt.unlink(missing_ok=True)  # a curve starts at step 0 (a killed one starts over)
+    for step in steps:
+        if step:
+            train_toy.train(model, "instruct", replace(config, resume=True), ckpt, until=step)
+        yield step, model.eval()
+    ckpt.unlink(missing_ok=True)
+
+
+def curve(label: str, config: Config, out: Path, points: int) -> dict:
+    """One run of `label` on one cell and seed, evaluated at `points` + 1 steps along its schedule:
+    {"steps", "seen" (exact match %), and for routed runs "routing" per point (diagnose)}. Cached as
+    <out>/cache/<run name>-curve<points>.json."""
+    changes, adapt = METHODS[label]
+    config = replace(config, **changes)
+    cache = out / "cache" / f"{train_toy.run_name(config)}-curve{points}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    tasks = list(train_toy.suite(config).values())
+    sets = {key: v for key, v in common.conflict_sets(tasks, config.eval_size).items() if key[1] == "seen"}
+    result: dict = {"steps": [round(config.steps * i / points) for i in range(points + 1)], "seen": [], "routing": []}
+    start = time.time()
+    for step, model in along(config, adapt, result["steps"]):
+        result["seen"].append(common.mean_accuracy(train_toy.evaluate(model, train_toy.TOK, sets), "seen"))
+        if label in ROUTED:
+            before = result["routing"][-1] if result["routing"] else None
+            result["routing"].append(diagnose(model, tasks, 64 if not config.quick else 8, before))
+    for point in result["routing"]:
+        del point["hots"]  # what each point compared with its predecessor
+    result["seconds"] = time.time() - start
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def steps_to(result: dict, threshold: float = 90.0) -> int | None:
+    """The first evaluated step at which the seen accuracy reaches the threshold (None: never)."""
+    return next((s for s, a in zip(result["steps"], result["seen"]) if a >= threshold), None)
+
+
+def separation(point: dict) -> float:
+    """The largest within − between Jaccard over the blocks."""
+    return max(w - b for w, b in zip(point["within"], point["between"]))
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+def tables(results: dict) -> str:
+    lines = []
+    for key, by_method in results["curves"].items():
+        oracle = [steps_to(r) for r in by_method.get("oracle", [])]
+        lines += [f"### {key}: {results['steps']} steps, evaluated every {results['steps'] // results['points']}", "",
+                  "Steps to 90 % on the seen phrasings per seed (-: never), the final accuracy (mean ± std over "
+                  "seeds), and, at the end, per block: the probe's accuracy and within − between Jaccard "
+                  "(mean over seeds), and the largest share of selections that changed over the last interval:", "",
+                  "| method | steps to 90 % | final seen % | probe per block | within − between per block | changed |",
+                  "|---|---|---|---|---|---|"]
+        for label, runs in by_method.items():
+            reach = " / ".join("-" if s is None else str(s) for s in map(steps_to, runs))
+            final = cell([r["seen"][-1] for r in runs])
+            if runs[0]["routing"]:
+                ends = [r["routing"][-1] for r in runs]
+                probe_cells = " · ".join(f"{v:.2f}" for v in np.mean([e["probe"] for e in ends], axis=0))
+                gap = " · ".join(f"{v:+.2f}" for v in np.mean([np.subtract(e["within"], e["between"]) for e in ends], axis=0))
+                changed = f"{max(max(e.get('changed', [0.0])) for e in ends):.2f}"
+            else:
+                probe_cells = gap = changed = "-"
+            lines.append(f"| {label} | {reach} | {final} | {probe_cells} | {gap} | {changed} |")
+        if oracle and None not in oracle:
+            lines += ["", f"The oracle's steps to 90 %: {' / '.join(map(str, oracle))}; the goal, within 1.5× of it in "
+                          "every seed, is met by: " + (", ".join(
+                              label for label, runs in by_method.items() if label != "oracle" and all(
+                                  s is not None and s <= 1.5 * o for s, o in zip(map(steps_to, runs), oracle))) or "none")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(results: dict, path: Path) -> None:
+    """Per cell: seen accuracy along the schedule, and the best block's within − between Jaccard,
+    mean over seeds, one line per method."""
+    from PIL import Image, ImageDraw
+    cells, methods = list(results["curves"]), list(METHODS)
+    pw, ph, m = 420, 240, 50
+    img = Image.new("RGB", (2 * pw + 20, len(cells) * (ph + 40) + 20 + 18 * ((len(methods) + 1) // 2)), "white")
+    draw = ImageDraw.Draw(img)
+    colour = {label: ((0, 0, 0) if label == "oracle" else common.PALETTE[i % len(common.PALETTE)])
+              for i, label in enumerate(methods)}
+    for row, key in enumerate(cells):
+        for col, (title, lo, hi) in enumerate([(f"{key}: seen exact match %", 0.0, 100.0),
+                                               (f"{key}: within − between Jaccard (best block)", -0.1, 1.0)]):
+            x0, y0 = col * (pw + 10) + m, row * (ph + 40) + 30
+            x1, y1 = x0 + pw - m - 10, y0 + ph - 40
+            draw.text((x0, y0 - 20), title, fill="black", font=common.FONT)
+            draw.rectangle((x0, y0, x1, y1), outline="black")
+            for v in (lo, hi):
+                draw.text((x0 - 40, y1 - (v - lo) / (hi - lo) * (y1 - y0) - 7), f"{v:g}", fill="black", font=common.FONT)
+            for label, runs in results["curves"][key].items():
+                if col == 1 and not runs[0]["routing"]:
+                    continue
+                steps = runs[0]["steps"]
+                ys = np.mean([r["seen"] if col == 0 else [separation(p) for p in r["routing"]] for r in runs], axis=0)
+                pts = [(x0 + s / steps[-1] * (x1 - x0), y1 - (min(max(y, lo), hi) - lo) / (hi - lo) * (y1 - y0))
+                       for s, y in zip(steps, ys)]
+                draw.line(pts, fill=colour[label], width=2)
+            draw.text((x0, y1 + 4), f"step 0 ... {results['steps']}", fill="black", font=common.FONT)
+    for j, label in enumerate(methods):
+        x, y = 20 + (j % 2) * (pw + 10), len(cells) * (ph + 40) + 10 + 18 * (j // 2)
+        draw.line((x, y + 7, x + 24, y + 7), fill=colour[label], width=3)
+        draw.text((x + 30, y), label, fill="black", font=common.FONT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = cli.parser(__doc__)
+    p.add_argument("--cells", default=None, help=f"comma-separated, of: {', '.join(CELLS)} (default: all; K2 with --quick)")
+    p.add_argument("--methods", default=None, help="comma-separated labels of METHODS (default: all)")
+    p.add_argument("--seeds", type=cli.integers(0), default="0,1,2", help="comma-separated stage-2 seeds")
+    p.add_argument("--steps", type=cli.at_least(1), default=600, help="stage-2 steps: the schedule")
+    p.add_argument("--points", type=cli.at_least(1), default=12, help="evaluations along the schedule")
+    p.add_argument("--threads", type=cli.at_least(1), default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", type=cli.device, default="auto")
+    p.add_argument("--quick", action="store_true", help="the smoke-test model, K = 2, a few steps (CI)")
+    p.add_argument("--out", default=None, help="default: experiments/results/routers (runs/routers-quick with --quick)")
+    p.add_argument("--checkpoints", default="checkpoints")
+    args = p.parse_args(argv)
+    cells = {"K2": dict(conflict=(2, 1.0))} if args.quick else CELLS
+    chosen = args.cells.split(",") if args.cells else list(cells)
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    for name, known, flag in [(c, cells, "--cells") for c in chosen] + [(m, METHODS, "--methods") for m in methods]:
+        if name not in known:
+            p.error(f"argument {flag}: unknown {name!r}; expected some of {', '.join(known)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    points = min(args.points, 3) if args.quick else args.points
+    out = Path(args.out or ("runs/routers-quick" if args.quick else "experiments/results/routers"))
+    base = common.config(args.quick, args.device, args.checkpoints, steps=args.steps)
+    start = time.time()
+    results: dict = {"steps": base.steps, "points": points, "seeds": args.seeds, "curves": {}}
+    for key in chosen:
+        config = replace(base, **cells[key])
+        results["curves"][key] = {label: [curve(label, replace(config, seed=seed), out, points) for seed in args.seeds]
+                                  for label in methods}
+    results["wall_s"], results["torch"], results["threads"] = time.time() - start, torch.__version__, torch.get_num_threads()
+    out.mkdir(parents=True, exist_ok=True)
+    text = tables(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(text + "\n")
+    figure(results, out / "curves.png")
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
