@@ -2,6 +2,7 @@
 
     python -m experiments.mechanism   # one layer, K tasks: when can routing beat LoRA?
     python -m experiments.conflict    # the toy VLM with its task conflict turned up
+    python -m experiments.routers     # learning curves on the conflict knob: routers that find the task?
     python -m experiments.analysis    # the paper's analyses on the toy: interference, selection maps, ablations
     python -m experiments.bench       # what a MixLoRA layer costs next to LoRA
 

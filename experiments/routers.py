@@ -3,6 +3,7 @@ ways of training them, each measured against oracle routing, whose answer is kno
 
     python -m experiments.routers                                # every cell, method and seed -> experiments/results/routers/
     python -m experiments.routers --cells K6 --methods "LoRA r=4,oracle" --seeds 0   # a part; runs are cached
+    python -m experiments.routers --cached                       # gather the cached runs: table, JSON, figure
     python -m experiments.routers --quick                        # the same pipeline on the smoke-test model (CI)
 
 conflict.py found trained routing blind to the task (within-task Jaccard = between-task Jaccard)
@@ -249,6 +250,8 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
     "instruction-only x̄": (dict(method="instruction", scores="sigmoid"), instruction_only),
     "routers 100x lr (Poly)": (dict(method="mixlora", scores="sigmoid", router_lr=100.0), train_toy.adapt),
     "instruction-only + k-means": (dict(method="instruction-kmeans", scores="sigmoid"), kmeans(instruction_only)),
+    "instruction-only + k-means; frozen (as MoCLE)": (dict(method="instruction-kmeans", scores="sigmoid", router_grad=False),
+                                                      kmeans(instruction_only)),
     "credit + Gumbel + 100x lr": (dict(method="credit-gumbel", scores="sigmoid", router_lr=100.0), credit_gumbel),
 }
 ROUTED = [m for m in METHODS if not m.startswith("LoRA")]
@@ -311,15 +314,17 @@ def along(config: Config, adapt: common.Adapt, steps: list[int]):
     ckpt.unlink(missing_ok=True)
 
 
-def curve(label: str, config: Config, out: Path, points: int) -> dict:
+def curve(label: str, config: Config, out: Path, points: int, train: bool = True) -> dict | None:
     """One run of `label` on one cell and seed, evaluated at `points` + 1 steps along its schedule:
     {"steps", "seen" (exact match %), and for routed runs "routing" per point (diagnose)}. Cached as
-    <out>/cache/<run name>-curve<points>.json."""
+    <out>/cache/<run name>-curve<points>.json; train=False returns None for a run not in the cache."""
     changes, adapt = METHODS[label]
     config = replace(config, **changes)
     cache = out / "cache" / f"{train_toy.run_name(config)}-curve{points}.json"
     if cache.exists():
         return json.loads(cache.read_text())
+    if not train:
+        return None
     tasks = list(train_toy.suite(config).values())
     sets = {key: v for key, v in common.conflict_sets(tasks, config.eval_size).items() if key[1] == "seen"}
     result: dict = {"steps": [round(config.steps * i / points) for i in range(points + 1)], "seen": [], "routing": []}
@@ -357,9 +362,10 @@ def tables(results: dict) -> str:
                   "Steps to 90 % on the seen phrasings per seed (-: never), the final accuracy (mean ± std over "
                   "seeds), and, at the end, per block: the probe's accuracy and within − between Jaccard "
                   "(mean over seeds), and the largest share of selections that changed over the last interval:", "",
-                  "| method | steps to 90 % | final seen % | probe per block | within − between per block | changed |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | seeds | steps to 90 % | final seen % | probe per block | within − between per block | changed |",
+                  "|---|---|---|---|---|---|---|"]
         for label, runs in by_method.items():
+            seeds = ", ".join(str(r["seed"]) for r in runs)
             reach = " / ".join("-" if s is None else str(s) for s in map(steps_to, runs))
             final = cell([r["seen"][-1] for r in runs])
             if runs[0]["routing"]:
@@ -369,12 +375,12 @@ def tables(results: dict) -> str:
                 changed = f"{max(max(e.get('changed', [0.0])) for e in ends):.2f}"
             else:
                 probe_cells = gap = changed = "-"
-            lines.append(f"| {label} | {reach} | {final} | {probe_cells} | {gap} | {changed} |")
+            lines.append(f"| {label} | {seeds} | {reach} | {final} | {probe_cells} | {gap} | {changed} |")
         if oracle and None not in oracle:
             lines += ["", f"The oracle's steps to 90 %: {' / '.join(map(str, oracle))}; the goal, within 1.5× of it in "
                           "every seed, is met by: " + (", ".join(
-                              label for label, runs in by_method.items() if label != "oracle" and all(
-                                  s is not None and s <= 1.5 * o for s, o in zip(map(steps_to, runs), oracle))) or "none")]
+                              label for label, runs in by_method.items() if label != "oracle" and len(runs) == len(oracle)
+                              and all(s is not None and s <= 1.5 * o for s, o in zip(map(steps_to, runs), oracle))) or "none")]
         lines.append("")
     return "\n".join(lines)
 
@@ -383,12 +389,14 @@ def figure(results: dict, path: Path) -> None:
     """Per cell: seen accuracy along the schedule, and the best block's within − between Jaccard,
     mean over seeds, one line per method."""
     from PIL import Image, ImageDraw
-    cells, methods = list(results["curves"]), list(METHODS)
+    cells = list(results["curves"])
+    methods = [m for m in METHODS if any(m in by_method for by_method in results["curves"].values())]
     pw, ph, m = 420, 240, 50
     img = Image.new("RGB", (2 * pw + 20, len(cells) * (ph + 40) + 20 + 18 * ((len(methods) + 1) // 2)), "white")
     draw = ImageDraw.Draw(img)
-    colour = {label: ((0, 0, 0) if label == "oracle" else common.PALETTE[i % len(common.PALETTE)])
-              for i, label in enumerate(methods)}
+    extra = [(0, 128, 128), (128, 0, 0), (0, 0, 128), (128, 128, 0), (255, 0, 255), (0, 200, 0)]  # past tab10's ten
+    others = iter(common.PALETTE + extra)
+    colour = {label: (0, 0, 0) if label == "oracle" else next(others) for label in methods}
     for row, key in enumerate(cells):
         for col, (title, lo, hi) in enumerate([(f"{key}: seen exact match %", 0.0, 100.0),
                                                (f"{key}: within − between Jaccard (best block)", -0.1, 1.0)]):
@@ -427,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="the smoke-test model, K = 2, a few steps (CI)")
     p.add_argument("--out", default=None, help="default: experiments/results/routers (runs/routers-quick with --quick)")
     p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--cached", action="store_true",
+                   help="report the runs already in <out>/cache/ (not committed: a fresh clone has none); train none")
     args = p.parse_args(argv)
     cells = {"K2": dict(conflict=(2, 1.0))} if args.quick else CELLS
     chosen = args.cells.split(",") if args.cells else list(cells)
@@ -443,8 +453,14 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"steps": base.steps, "points": points, "seeds": args.seeds, "curves": {}}
     for key in chosen:
         config = replace(base, **cells[key])
-        results["curves"][key] = {label: [curve(label, replace(config, seed=seed), out, points) for seed in args.seeds]
-                                  for label in methods}
+        curves: dict[str, list[dict]] = {}
+        for label in methods:
+            for seed in args.seeds:
+                run = curve(label, replace(config, seed=seed), out, points, train=not args.cached)
+                if run is not None:
+                    curves.setdefault(label, []).append(run | {"seed": seed})
+        if curves:  # (with --cached, a cell may have none)
+            results["curves"][key] = curves
     results["wall_s"], results["torch"], results["threads"] = time.time() - start, torch.__version__, torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
     text = tables(results)
