@@ -274,6 +274,14 @@ def gradient_cosines(loss_fn: Callable[[object], Tensor], data: object, other_da
 
 # ---- tables and pictures -------------------------------------------------------------------------
 
+def write_results(out: Path, results: dict, text: str) -> None:
+    """An experiment's outputs beside its page: results.json (every number) and table.md (what it prints)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
 def cell(values: list[float], digits: int = 1) -> str:
     """mean ± sample std over seeds (or the one value)."""
     if len(values) == 1:

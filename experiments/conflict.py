@@ -22,7 +22,6 @@ does, is measured too (routing_separation). Next to the toy's gaps, mechanism.py
 for the same K, with a task x̄ shows clearly (s = 2) and faintly (s = 0.5).
 """
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -320,12 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["prediction"][key] = prediction(K, kappa, seeds, args.quick)
     results["wall_s"] = time.time() - start
     results["torch"], results["threads"] = torch.__version__, torch.get_num_threads()
-    out.mkdir(parents=True, exist_ok=True)
-    text = tables(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(text + "\n")
+    common.write_results(out, results, tables(results))
     figure(results, out / "gap.png")
-    print(text)
     return results
 
 

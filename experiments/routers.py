@@ -50,6 +50,7 @@ CELLS = {  # the conflict knob at full conflict, adapters on every LM linear or 
     "K6": dict(conflict=(6, 1.0)),
     "K4": dict(conflict=(4, 1.0)),
     "K6 down_proj": dict(conflict=(6, 1.0), targets=("down_proj",)),
+    "K6 κ=0": dict(conflict=(6, 0.0)),  # no conflict: what a router costs where there is nothing to route
 }
 
 
@@ -462,12 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
         if curves:  # (with --cached, a cell may have none)
             results["curves"][key] = curves
     results["wall_s"], results["torch"], results["threads"] = time.time() - start, torch.__version__, torch.get_num_threads()
-    out.mkdir(parents=True, exist_ok=True)
-    text = tables(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(text + "\n")
+    common.write_results(out, results, tables(results))
     figure(results, out / "curves.png")
-    print(text)
     return results
 
 
