@@ -10,7 +10,7 @@ conflict.py found trained routing blind to the task (within-task Jaccard = betwe
 while oracle routing learns every conflict cell, and its 300-step table measures when learning
 happens rather than what can be learnt. Here every run trains one schedule of --steps steps and is
 evaluated along it, every steps/--points steps: the checkpoint of each point resumes bit-identically
-(tests/test_toy.py checks resuming), so a curve is that of one uninterrupted run. At every point:
+(tests/test_routers.py checks it), so a curve is that of one uninterrupted run. At every point:
 exact match on the seen phrasings, and for every routed run, per block:
 
 - probe: can a linear classifier read the task from x̄, what the block's routers read? A
@@ -46,7 +46,7 @@ from mixlora import MixLoRALinear, Routing, mark_only_adapters_trainable, replac
 from tiny_mllm import TinyMLLM
 from train_toy import Config
 
-CELLS = {  # the conflict knob at full conflict, adapters on every LM linear or on the down_proj's only
+CELLS = {  # the conflict knob at full conflict (adapters on every LM linear, or the down_proj's only), and none
     "K6": dict(conflict=(6, 1.0)),
     "K4": dict(conflict=(4, 1.0)),
     "K6 down_proj": dict(conflict=(6, 1.0), targets=("down_proj",)),
