@@ -267,10 +267,10 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
     # routers) never change, so they need no broadcast.
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
-    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router_" in n]
+    routers = {id(p) for n, p in model.named_parameters() if ".router_" in n}  # lr × config.router_lr
     groups = [{"params": params, "scale": 1.0}] if config.router_lr == 1.0 else [
-        {"params": [p for p in params if all(p is not q for q in routers)], "scale": 1.0},
-        {"params": routers, "scale": config.router_lr}]
+        {"params": [p for p in params if id(p) not in routers], "scale": 1.0},
+        {"params": [p for p in params if id(p) in routers], "scale": config.router_lr}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     start = 0
     if config.resume and ckpt.exists():
