@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
                     curves.setdefault(label, []).append(run | {"seed": seed})
         if curves:  # (with --cached, a cell may have none)
             results["curves"][key] = curves
+    if not results["curves"]:  # --cached with an empty cache: keep the committed report
+        p.error(f"argument --cached: no cached runs of these cells and methods under {out / 'cache'}")
     results["wall_s"], results["torch"], results["threads"] = time.time() - start, torch.__version__, torch.get_num_threads()
     common.write_results(out, results, tables(results))
     figure(results, out / "curves.png")

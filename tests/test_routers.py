@@ -159,3 +159,10 @@ def test_quick_run_writes_its_tables_and_figure(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {label} |" in table for label in routers.METHODS)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_cached_with_nothing_cached_refuses_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        routers.main(["--cached", "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path)])
+    assert exit_info.value.code == 2 and "no cached runs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # the committed report is not overwritten by an empty one
