@@ -21,8 +21,9 @@ instance n builds its own ΔW_n from r of them:
 scores="sigmoid" (this project's option, not the paper's) puts a per-factor σ where the three
 softmaxes over E stand: one factor's score no longer rises only by pushing the others down.
 
-Read top to bottom: LoRALinear (the baseline), MixLoRALinear (route, forward, delta_weight),
-then the helpers that put adapters into a model, route it on a prompt mask and save them.
+The spec, in full and with numbered sections (§), is docs/method.md. Read top to bottom:
+LoRALinear (the baseline), MixLoRALinear (route, forward, delta_weight), then the helpers that put
+adapters into a model, route it on a prompt mask and save them.
 """
 
 import math
@@ -318,7 +319,7 @@ def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor
 # ---------------------------------------------------------------------------------------------
 
 def replace_linears(model: nn.Module, targets: Sequence[str] | str,
-                     make: Callable[[nn.Linear], _LowRankAdapter]) -> nn.Module:
+                    make: Callable[[nn.Linear], _LowRankAdapter]) -> nn.Module:
     """Swap every nn.Linear whose qualified name matches targets for make(linear), in place.
 
     targets: a list of name suffixes (["q_proj", "v_proj"]), or a regex that must match a whole

@@ -132,6 +132,12 @@ def jaccard(hot: Tensor) -> Tensor:
     return both / either.clamp_min(1)
 
 
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """x̄ as a router reads it outside the layer: the mean of x (N, T, d) over mask (N, T) -> (N, d)."""
+    m = mask.to(x.dtype)
+    return (m[..., None] * x).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+
+
 def routing_view(model: TinyMLLM, examples: list[toy_tasks.Example]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """What each block's routers read and chose: x̄ (the prompt-masked mean of the input of the
     block's first MixLoRA linear), {block: (n, d_in)}, and the selections, {block: (n, 12·E) bool}."""
@@ -140,8 +146,7 @@ def routing_view(model: TinyMLLM, examples: list[toy_tasks.Example]) -> tuple[di
 
     def keep_x_bar(block: int):
         def hook(layer: MixLoRALinear, inputs: tuple, output: Tensor) -> None:
-            m = layer.mask.to(inputs[0].dtype)  # (N, T): the prompt, as routing_mask set it
-            seen[block].append(((m[..., None] * inputs[0]).sum(1) / m.sum(1, keepdim=True)).cpu().numpy())  # (N, d_in)
+            seen[block].append(masked_mean(inputs[0], layer.mask).cpu().numpy())  # (N, d_in): on the prompt
         return hook
 
     hooks = [layer.register_forward_hook(keep_x_bar(b)) for b, layer in enumerate(firsts)]

@@ -189,7 +189,7 @@ def kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.A
     def start(model: TinyMLLM, config: Config) -> TinyMLLM:
         model = adapt(model, config)
         layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
-        seen = {layer: x_bar_recorder(layer) for layer in layers}
+        seen = {layer: XBarRecorder(layer) for layer in layers}
         examples = train_toy.training_examples("kmeans", config.seed, 0, prompts, tasks=train_toy.training_tasks(config))
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -210,7 +210,7 @@ def kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.A
     return start
 
 
-class x_bar_recorder:
+class XBarRecorder:
     """Keeps the x̄ a MixLoRA layer's router reads on its next forward (its masked mean)."""
 
     def __init__(self, layer: MixLoRALinear):
@@ -221,8 +221,7 @@ class x_bar_recorder:
         x, mask = inputs[0], layer.mask.clone()
         if isinstance(layer, InstructionOnly):
             mask[:, :layer.image_tokens] = False
-        m = mask.to(x.dtype)
-        self.x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+        self.x_bar = common.masked_mean(x, mask)
 
 
 def k_means(x: Tensor, k: int, iters: int, gen: torch.Generator) -> Tensor:
