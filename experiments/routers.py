@@ -43,14 +43,16 @@ import train_toy
 from experiments import common
 from experiments.common import cell
 from mixlora import MixLoRALinear, Routing, mark_only_adapters_trainable, replace_linears, straight_through
-from tiny_mllm import TinyMLLM
+from tiny_mllm import TinyMLLM, answer_mask
 from train_toy import Config
 
 CELLS = {  # the conflict knob at full conflict (adapters on every LM linear, or the down_proj's only), and none
     "K6": dict(conflict=(6, 1.0)),
     "K4": dict(conflict=(4, 1.0)),
     "K6 down_proj": dict(conflict=(6, 1.0), targets=("down_proj",)),
+    "K6 down_proj 4x steps": dict(conflict=(6, 1.0), targets=("down_proj",), steps=2400),  # does capacity bind?
     "K6 κ=0": dict(conflict=(6, 0.0)),  # no conflict: what a router costs where there is nothing to route
+    "toy suite": dict(conflict=None, steps=800),  # train_toy.py's eight tasks and schedule: what a router costs there
 }
 
 
@@ -210,18 +212,82 @@ def kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.A
     return start
 
 
-class XBarRecorder:
-    """Keeps the x̄ a MixLoRA layer's router reads on its next forward (its masked mean)."""
+def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.Adapt:
+    """A start from what each instruction asks of the model, not from what it looks like: k-means
+    (k = E) of the image → answer update each instruction asks for (`answer_updates`), one
+    clustering for every layer, so that factor e is cluster e's in every layer, as the oracle's
+    factors are task k's. Each layer's R^A = R^B is then the ridge regression from the x̄ its router
+    reads to minus the squared distance of the instance to each centroid, so that an instance's
+    top-r are its r nearest clusters; scaled to logits of standard deviation 2."""
+    def start(model: TinyMLLM, config: Config) -> TinyMLLM:
+        model = adapt(model, config)
+        layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+        seen = {layer: XBarRecorder(layer) for layer in layers}
+        instruction = XBarRecorder(layers[0], image_tokens=model.config.num_patches)
+        examples = train_toy.training_examples("kmeans", config.seed, 0, prompts, tasks=train_toy.training_tasks(config))
+        gram = answer_update_gram(model.eval(), *train_toy.collate(examples, train_toy.TOK, next(model.parameters()).device))
+        model.train()
+        for record in [*seen.values(), instruction]:
+            record.handle.remove()
+        U = fitted(instruction.x_bar.double().cpu(), gram)  # (n, 32)
+        gen = torch.Generator().manual_seed(config.seed)
+        target = -torch.cdist(U, k_means(U, layers[0].num_factors, iters, gen)) ** 2  # (n, E)
+        target = target - target.mean(1, keepdim=True)  # only an instance's ranking of the clusters counts
+        target = target - target.mean(0)  # no factor favoured on average: a bias-free router has no offset
+        with torch.no_grad():
+            for layer, record in seen.items():
+                X = record.x_bar.double().cpu()  # (n, d_in)
+                R = ridge(X, target)  # (d_in, E)
+                R = R * 2.0 / (X @ R).std().clamp_min(1e-12)
+                for router in (layer.router_A, layer.router_B):
+                    router.copy_(R.T.to(router))
+        return model
+    return start
 
-    def __init__(self, layer: MixLoRALinear):
+
+def answer_update_gram(model: TinyMLLM, images: Tensor, tokens: Tensor, prompt_lens: Tensor) -> Tensor:
+    """<U_i, U_j> (n, n) of what each instance asks of the model: U_i = Σ_t (p_t − e_{y_t}) ⊗ (v − v̄)
+    over its answer tokens, the gradient of its loss with respect to a linear map from its mean
+    image token v to the logits. That is how the instance asks the model to change the way it
+    answers its image; `fitted` on the instruction's x̄ it varies with the instruction only."""
+    with torch.no_grad():
+        logits, _ = model(images, tokens, prompt_lens)  # (n, L, vocab)
+        v = model.encode_images(images).mean(1).double().cpu()  # (n, d)
+    p = logits[:, :-1].double().softmax(-1)
+    g = ((p - nn.functional.one_hot(tokens[:, 1:], p.shape[-1])) * answer_mask(tokens, prompt_lens)[..., None]).sum(1)
+    v = v - v.mean(0)
+    return (g @ g.T).cpu() * (v @ v.T)  # <g_i ⊗ v_i, g_j ⊗ v_j> = <g_i, g_j> <v_i, v_j>
+
+
+def ridge(X: Tensor, Y: Tensor) -> Tensor:
+    """The least-squares map W (d, k) from X (n, d) to Y (n, k), with a little ridge: (XᵀX + λI)⁻¹ XᵀY."""
+    XtX = X.T @ X
+    return torch.linalg.solve(XtX + 1e-2 * XtX.trace() / len(XtX) * torch.eye(len(XtX), dtype=X.dtype), X.T @ Y)
+
+
+def fitted(X: Tensor, gram: Tensor, m: int = 32) -> Tensor:
+    """Features U (n, ·) given by their Gram matrix (n, n), least-squares fitted on X (n, d): the
+    part of U that X predicts, as its top m directions (n, m). Fitting on the instruction's x̄
+    averages out what varies within an instruction (the image)."""
+    X = X - X.mean(0)
+    hat = X @ ridge(X, torch.eye(len(X), dtype=X.dtype))  # (n, n): the fit's hat matrix
+    values, vectors = torch.linalg.eigh(hat @ gram @ hat)
+    return vectors[:, -m:] * values[-m:].clamp_min(0).sqrt()
+
+
+class XBarRecorder:
+    """Keeps the x̄ a MixLoRA layer's router reads on its next forward (its masked mean), or with
+    image_tokens = P the x̄ over the instruction's positions only."""
+
+    def __init__(self, layer: MixLoRALinear, image_tokens: int = 0):
         self.x_bar: Tensor | None = None
+        self.image_tokens = layer.image_tokens if isinstance(layer, InstructionOnly) else image_tokens
         self.handle = layer.register_forward_pre_hook(self.keep)
 
     def keep(self, layer: MixLoRALinear, inputs: tuple) -> None:
-        x, mask = inputs[0], layer.mask.clone()
-        if isinstance(layer, InstructionOnly):
-            mask[:, :layer.image_tokens] = False
-        self.x_bar = common.masked_mean(x, mask)
+        mask = layer.mask.clone()
+        mask[:, :self.image_tokens] = False
+        self.x_bar = common.masked_mean(inputs[0], mask)
 
 
 def k_means(x: Tensor, k: int, iters: int, gen: torch.Generator) -> Tensor:
@@ -253,6 +319,9 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
     "instruction-only + k-means; frozen (as MoCLE)": (dict(method="instruction-kmeans", scores="sigmoid", router_grad=False),
                                                       kmeans(instruction_only)),
     "credit + Gumbel + 100x lr": (dict(method="credit-gumbel", scores="sigmoid", router_lr=100.0), credit_gumbel),
+    "instruction-only + update k-means": (dict(method="instruction-update", scores="sigmoid"), update_kmeans(instruction_only)),
+    "instruction-only + update k-means; frozen": (dict(method="instruction-update", scores="sigmoid", router_grad=False),
+                                                  update_kmeans(instruction_only)),
 }
 ROUTED = [m for m in METHODS if not m.startswith("LoRA")]
 
@@ -316,7 +385,8 @@ def along(config: Config, adapt: common.Adapt, steps: list[int]):
 
 def curve(label: str, config: Config, out: Path, points: int, train: bool = True) -> dict | None:
     """One run of `label` on one cell and seed, evaluated at `points` + 1 steps along its schedule:
-    {"steps", "seen" (exact match %), and for routed runs "routing" per point (diagnose)}. Cached as
+    {"steps", "seen" and "heldout" (exact match % on the seen and the held-out phrasings), and for
+    routed runs "routing" per point (diagnose)}. Cached as
     <out>/cache/<run name>-curve<points>.json; train=False returns None for a run not in the cache."""
     changes, adapt = METHODS[label]
     config = replace(config, **changes)
@@ -326,11 +396,14 @@ def curve(label: str, config: Config, out: Path, points: int, train: bool = True
     if not train:
         return None
     tasks = list(train_toy.suite(config).values())
-    sets = {key: v for key, v in common.conflict_sets(tasks, config.eval_size).items() if key[1] == "seen"}
-    result: dict = {"steps": [round(config.steps * i / points) for i in range(points + 1)], "seen": [], "routing": []}
+    sets = common.conflict_sets(tasks, config.eval_size)
+    result: dict = {"steps": [round(config.steps * i / points) for i in range(points + 1)], "seen": [], "heldout": [],
+                    "routing": []}
     start = time.time()
     for step, model in along(config, adapt, result["steps"]):
-        result["seen"].append(common.mean_accuracy(train_toy.evaluate(model, train_toy.TOK, sets), "seen"))
+        scores = train_toy.evaluate(model, train_toy.TOK, sets)
+        result["seen"].append(common.mean_accuracy(scores, "seen"))
+        result["heldout"].append(common.mean_accuracy(scores, "heldout"))
         if label in ROUTED:
             before = result["routing"][-1] if result["routing"] else None
             result["routing"].append(diagnose(model, tasks, 64 if not config.quick else 8, before))
@@ -352,22 +425,117 @@ def separation(point: dict) -> float:
     return max(w - b for w, b in zip(point["within"], point["between"]))
 
 
+# ---- what the routers could read: the task, or the phrasing? ----------------------------------------
+
+def explained(x: Tensor, groups: np.ndarray) -> float:
+    """The share of the variance of x (n, d) that the group means explain: between-group over total
+    sum of squares (η²)."""
+    x = x - x.mean(0)
+    means = {g: x[torch.from_numpy(groups == g)].mean(0) for g in np.unique(groups)}
+    between = sum(float((groups == g).sum()) * float(m.pow(2).sum()) for g, m in means.items())
+    return between / float(x.pow(2).sum().clamp_min(1e-30))
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information of two labellings: 1 when one determines the other, 0 when
+    independent (the geometric mean of the two entropies normalises)."""
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1.0 / len(a))
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = (joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum()
+    h = lambda q: -(q[q > 0] * np.log(q[q > 0])).sum()
+    return float(mi / np.sqrt(h(pa) * h(pb))) if h(pa) * h(pb) > 0 else 0.0
+
+
+def signal(config: Config, prompts: int = 512) -> dict:
+    """What the routers could read at step 0 (the frozen base; the untrained adapters add nothing):
+    per block, the share of x̄'s variance that the task explains and the share the phrasing (the
+    instruction template) explains, for x̄ over the prompt and over the instruction only; and
+    whether clustering finds the task: the NMI with the task and with the phrasing of k-means
+    clusters (k = E, as the k-means start uses, and k = K) of block 0's instruction x̄, and of the
+    update each instruction asks for, least-squares `fitted` on block 0's instruction x̄ (so what it
+    varies with is the instruction, not the image): of every adapted weight, G_i = Σ_t ∂L/∂y_t ⊗ x_t,
+    and of the map from image to answer, U_i (`answer_update_gram`)."""
+    model = common.untrained(replace(config, method="mixlora"))
+    layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+    tasks = train_toy.training_tasks(config)
+    examples = train_toy.training_examples("signal", config.seed, 0, prompts, tasks=tasks)
+    task = np.unique([e.task for e in examples], return_inverse=True)[1]
+    phrasing = np.unique([e.prompt.split(" , ", 1)[1] for e in examples], return_inverse=True)[1]
+    seen: dict[MixLoRALinear, dict[str, Tensor]] = {}
+
+    def keep(layer: MixLoRALinear, inputs: tuple, output: Tensor) -> None:
+        seen[layer] = {"x": inputs[0].detach(), "mask": layer.mask.clone()}
+        output.register_hook(lambda g: seen[layer].__setitem__("g", g.detach()))
+
+    hooks = [layer.register_forward_hook(keep) for layer in layers]
+    device = next(model.parameters()).device
+    _, loss = model.train()(*train_toy.collate(examples, train_toy.TOK, device))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+
+    def x_bar(layer: MixLoRALinear, instruction: bool) -> Tensor:
+        mask = seen[layer]["mask"].clone()
+        if instruction:
+            mask[:, :model.config.num_patches] = False
+        return common.masked_mean(seen[layer]["x"], mask).double().cpu()  # (n, d_in)
+
+    firsts = [next(m for m in block.modules() if isinstance(m, MixLoRALinear)) for block in model.layers]
+    blocks = [{where: {"task": explained(x_bar(layer, where == "instruction"), task),
+                       "phrasing": explained(x_bar(layer, where == "instruction"), phrasing)}
+               for where in ("prompt", "instruction")} for layer in firsts]
+
+    def gram(layer: MixLoRALinear) -> Tensor:  # (n, n): <G_i, G_j> for one adapted weight
+        G = torch.einsum("nto,nti->noi", seen[layer]["g"], seen[layer]["x"]).flatten(1).double().cpu()  # (n, d_out·d_in)
+        return G @ G.T
+
+    X = x_bar(firsts[0], True)
+    weights = fitted(X, sum(gram(layer) for layer in layers))
+    answers = fitted(X, answer_update_gram(model.eval(), *train_toy.collate(examples, train_toy.TOK, device)))
+    gen = torch.Generator().manual_seed(config.seed)
+    clusters = {}
+    for name, features in [("block 0's instruction x̄", X), ("the weights' update G each instruction asks for", weights),
+                           ("the image → answer update U each instruction asks for", answers)]:
+        for k in (layers[0].num_factors, len(tasks)):
+            nearest = torch.cdist(features, k_means(features, k, 25, gen)).argmin(1).numpy()
+            clusters[f"{name}, k = {k}"] = {"task": nmi(nearest, task), "phrasing": nmi(nearest, phrasing)}
+    return {"blocks": blocks, "clusters": clusters, "prompts": prompts}
+
+
 # ---- the report ----------------------------------------------------------------------------------
+
+def signal_table(signal: dict) -> list[str]:
+    lines = ["What the routers could read at step 0 (`signal`, seed 0): the share of x̄'s variance that the task "
+             "explains, and the share the phrasing explains, per block", "",
+             "| block | prompt x̄: task | prompt x̄: phrasing | instruction x̄: task | instruction x̄: phrasing |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {b} | {v['prompt']['task']:.3f} | {v['prompt']['phrasing']:.3f} | {v['instruction']['task']:.3f} | "
+              f"{v['instruction']['phrasing']:.3f} |" for b, v in enumerate(signal["blocks"])]
+    lines += ["", f"and what k-means finds in it ({signal['prompts']} training prompts): the NMI of its clusters "
+                  "with the task and with the phrasing", "", "| clustered | task | phrasing |", "|---|---|---|"]
+    lines += [f"| {name} | {v['task']:.2f} | {v['phrasing']:.2f} |" for name, v in signal["clusters"].items()]
+    return lines + [""]
+
 
 def tables(results: dict) -> str:
     lines = []
     for key, by_method in results["curves"].items():
         oracle = [steps_to(r) for r in by_method.get("oracle", [])]
-        lines += [f"### {key}: {results['steps']} steps, evaluated every {results['steps'] // results['points']}", "",
-                  "Steps to 90 % on the seen phrasings per seed (-: never), the final accuracy (mean ± std over "
-                  "seeds), and, at the end, per block: the probe's accuracy and within − between Jaccard "
+        steps = next(iter(by_method.values()))[0]["steps"]
+        lines += [f"### {key}: {steps[-1]} steps, evaluated every {steps[1]}", "",
+                  "Steps to 90 % on the seen phrasings per seed (-: never), the final accuracy on the seen and "
+                  "the held-out phrasings (mean ± std over seeds; held-out: - where the cached run did not record it), "
+                  "and, at the end, per block: the probe's accuracy and within − between Jaccard "
                   "(mean over seeds), and the largest share of selections that changed over the last interval:", "",
-                  "| method | seeds | steps to 90 % | final seen % | probe per block | within − between per block | changed |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | seeds | steps to 90 % | final seen % | final held-out % | probe per block | within − between per block | changed |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, runs in by_method.items():
             seeds = ", ".join(str(r["seed"]) for r in runs)
             reach = " / ".join("-" if s is None else str(s) for s in map(steps_to, runs))
             final = cell([r["seen"][-1] for r in runs])
+            heldout = cell([r["heldout"][-1] for r in runs]) if all("heldout" in r for r in runs) else "-"
             if runs[0]["routing"]:
                 ends = [r["routing"][-1] for r in runs]
                 probe_cells = " · ".join(f"{v:.2f}" for v in np.mean([e["probe"] for e in ends], axis=0))
@@ -375,7 +543,9 @@ def tables(results: dict) -> str:
                 changed = f"{max(max(e.get('changed', [0.0])) for e in ends):.2f}"
             else:
                 probe_cells = gap = changed = "-"
-            lines.append(f"| {label} | {seeds} | {reach} | {final} | {probe_cells} | {gap} | {changed} |")
+            lines.append(f"| {label} | {seeds} | {reach} | {final} | {heldout} | {probe_cells} | {gap} | {changed} |")
+        if key in results.get("signal", {}):
+            lines += [""] + signal_table(results["signal"][key])
         if oracle and None not in oracle:
             lines += ["", f"The oracle's steps to 90 %: {' / '.join(map(str, oracle))}; the goal, within 1.5× of it in "
                           "every seed, is met by: " + (", ".join(
@@ -414,7 +584,7 @@ def figure(results: dict, path: Path) -> None:
                 pts = [(x0 + s / steps[-1] * (x1 - x0), y1 - (min(max(y, lo), hi) - lo) / (hi - lo) * (y1 - y0))
                        for s, y in zip(steps, ys)]
                 draw.line(pts, fill=colour[label], width=2)
-            draw.text((x0, y1 + 4), f"step 0 ... {results['steps']}", fill="black", font=common.FONT)
+            draw.text((x0, y1 + 4), f"step 0 ... {steps[-1]}", fill="black", font=common.FONT)
     for j, label in enumerate(methods):
         x, y = 20 + (j % 2) * (pw + 10), len(cells) * (ph + 40) + 10 + 18 * (j // 2)
         draw.line((x, y + 7, x + 24, y + 7), fill=colour[label], width=3)
@@ -461,6 +631,11 @@ def main(argv: list[str] | None = None) -> dict:
                     curves.setdefault(label, []).append(run | {"seed": seed})
         if curves:  # (with --cached, a cell may have none)
             results["curves"][key] = curves
+            cache = out / "cache" / f"signal-{train_toy.run_name(replace(config, method='mixlora', seed=0))}.json"
+            if not cache.exists() and not args.cached and config.conflict:  # (the phrasing: the conflict's templates)
+                cache.write_text(json.dumps(signal(replace(config, seed=0), prompts=64 if args.quick else 512)))
+            if cache.exists():
+                results.setdefault("signal", {})[key] = json.loads(cache.read_text())
     if not results["curves"]:  # --cached with an empty cache: keep the committed report
         p.error(f"argument --cached: no cached runs of these cells and methods under {out / 'cache'}")
     results["wall_s"], results["torch"], results["threads"] = time.time() - start, torch.__version__, torch.get_num_threads()

@@ -11,7 +11,7 @@ import torch.nn as nn
 import train_toy
 from experiments import common, routers
 from mixlora import LoRALinear, MixLoRALinear, adapter_state_dict
-from tiny_mllm import TinyMLLM
+from tiny_mllm import TinyMLLM, answer_mask
 
 F64 = torch.float64
 
@@ -101,6 +101,70 @@ def test_k_means_finds_separated_clusters_and_the_probe_reads_them():
     assert routers.probe(x.numpy(), labels.numpy()) == 1.0
     noise = torch.randn(300, 8, dtype=F64, generator=gen).numpy()
     assert routers.probe(noise, labels.numpy()) < 0.55  # chance is 1/3
+
+
+def test_nmi_and_explained_variance_on_labellings_with_a_known_answer():
+    a = np.arange(600) % 6
+    assert routers.nmi(a, a) == pytest.approx(1.0) and routers.nmi(a, (a + 1) % 6) == pytest.approx(1.0)
+    assert routers.nmi(a, np.arange(600) // 100 % 5) == pytest.approx(0.0, abs=0.02)  # nearly independent
+    assert routers.nmi(np.arange(4) % 2, np.arange(4) // 2) == 0.0  # exactly crossed
+    gen = torch.Generator().manual_seed(0)
+    x = torch.eye(6, 3, dtype=F64)[a]  # determined by the group
+    assert routers.explained(x, a) == pytest.approx(1.0)
+    noisy = x + torch.randn(600, 3, dtype=F64, generator=gen)
+    # x's variance is 3 · (1/6)(5/6) ≈ 0.42 beside the noise's 3, and the noise's group means add 5/600 of its 3:
+    assert routers.explained(noisy, a) == pytest.approx((0.417 + 0.025) / 3.417, abs=0.03)
+    assert routers.explained(torch.randn(600, 3, dtype=F64, generator=gen), a) < 0.03
+
+
+def test_fitted_keeps_what_the_instruction_predicts_and_drops_what_varies_within_it():
+    # 12 instructions; U = a per-instruction update plus per-instance noise of twice its size.
+    gen = torch.Generator().manual_seed(0)
+    instruction = torch.arange(1200) % 12
+    X = torch.eye(12, dtype=F64)[instruction] + 0.01 * torch.randn(1200, 12, dtype=F64, generator=gen)
+    per_instruction = torch.randn(12, 40, dtype=F64, generator=gen)
+    U = per_instruction[instruction] + 2 * torch.randn(1200, 40, dtype=F64, generator=gen)
+    features = routers.fitted(X, U @ U.T, m=12)  # (n, 12)
+    truth = per_instruction[instruction] - per_instruction[instruction].mean(0)
+    error = lambda gram: float((gram - truth @ truth.T).norm() / (truth @ truth.T).norm())
+    centred = U - U.mean(0)
+    assert error(features @ features.T) < 0.25 < 2.0 < error(centred @ centred.T)  # the noise is gone (but its group means)
+    assert routers.nmi(torch.cdist(features, features[:12]).argmin(1).numpy(), instruction.numpy()) == 1.0
+    W = torch.randn(12, 3, dtype=F64, generator=gen)
+    torch.testing.assert_close(routers.ridge(X, X @ W), W, rtol=0, atol=0.05)  # the map, up to the ridge
+
+
+def test_answer_update_gram_is_the_gradient_of_a_linear_image_to_logits_map(tmp_path):
+    config = replace(train_toy.quick(train_toy.Config(checkpoints=str(tmp_path))), conflict=(2, 1.0), method="mixlora")
+    model = common.untrained(config).eval()
+    examples = train_toy.training_examples("test", 0, 0, 6, tasks=train_toy.training_tasks(config))
+    images, tokens, prompt_lens = train_toy.collate(examples, train_toy.TOK, torch.device("cpu"))
+    gram = routers.answer_update_gram(model, images, tokens, prompt_lens)
+    with torch.no_grad():
+        logits, _ = model(images, tokens, prompt_lens)
+        v = model.encode_images(images).mean(1).double()
+    v = v - v.mean(0)
+    grads = []
+    for i in range(len(examples)):  # written out: ∂/∂M of instance i's summed answer loss at M = 0
+        M = torch.zeros(logits.shape[-1], v.shape[1], dtype=F64, requires_grad=True)
+        z = logits[i, :-1].double() + M @ v[i]  # (L - 1, vocab)
+        ce = nn.functional.cross_entropy(z, tokens[i, 1:], reduction="none")
+        (ce * answer_mask(tokens, prompt_lens)[i]).sum().backward()
+        grads.append(M.grad.flatten())
+    G = torch.stack(grads)
+    torch.testing.assert_close(gram, G @ G.T, rtol=1e-9, atol=1e-12)
+
+
+def test_update_kmeans_routes_instances_of_one_cluster_alike(tmp_path):
+    # The start's targets come from one clustering for every layer: at step 0 two instances of one
+    # task then share more of their selections than two of different tasks, in the first block.
+    config = replace(train_toy.quick(train_toy.Config(checkpoints=str(tmp_path))), conflict=(2, 1.0))
+    changes, adapt = routers.METHODS["instruction-only + update k-means; frozen"]
+    model = common.untrained(replace(config, **changes), adapt)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".router_" in n)
+    tasks = list(train_toy.suite(config).values())
+    report = routers.diagnose(model.eval(), tasks, 32, None)
+    assert report["within"][0] - report["between"][0] > 0.2
 
 
 def test_steps_to_and_separation():
