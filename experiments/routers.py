@@ -20,11 +20,16 @@ exact match on the seen phrasings, and for every routed run, per block:
 - stability: the share of instances whose selection changed since the previous point;
 - collapse: common.router_collapse (top-1 share of the chosen p^A, effective chosen factors, usage).
 
+Once per conflict cell, `signal` measures what the routers could read at step 0: how much of x̄'s
+variance the task explains and how much the phrasing does, and whether k-means finds the task in
+x̄, in the weights' gradients, or in the image → answer update each instruction asks for.
+
 The routers (METHODS): the paper's (softmax scores), ours (sigmoid scores), frozen random routers
 (what the released code trains), task-ID routing (Poly's learnt table per task, which needs the
 label), the oracle, and remedies from four families, each a few lines below: counterfactual credit
-for the factors not chosen, exploration by Gumbel top-r, a data-dependent start (k-means of x̄, as
-MoCLE clusters instructions) and instruction-only x̄, and Poly's two-speed learning rate.
+for the factors not chosen, exploration by Gumbel top-r, data-dependent starts (k-means of x̄, as
+MoCLE clusters instructions; k-means of the image → answer update, `update_kmeans`) and
+instruction-only x̄, and Poly's two-speed learning rate.
 """
 
 import json
@@ -212,24 +217,33 @@ def kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.A
     return start
 
 
-def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.Adapt:
+def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, words: bool = False) -> common.Adapt:
     """A start from what each instruction asks of the model, not from what it looks like: k-means
-    (k = E) of the image → answer update each instruction asks for (`answer_updates`), one
+    (k = E) of the image → answer update each instruction asks for (`answer_update_gram`), one
     clustering for every layer, so that factor e is cluster e's in every layer, as the oracle's
     factors are task k's. Each layer's R^A = R^B is then the ridge regression from the x̄ its router
     reads to minus the squared distance of the instance to each centroid, so that an instance's
-    top-r are its r nearest clusters; scaled to logits of standard deviation 2."""
+    top-r are its r nearest clusters; scaled to logits of standard deviation 2. The fit of the
+    update is on the instruction's x̄ at the first adapted layer, or with words=True on the mean
+    embedding of the instruction's tokens, whatever layers are adapted."""
     def start(model: TinyMLLM, config: Config) -> TinyMLLM:
         model = adapt(model, config)
         layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
         seen = {layer: XBarRecorder(layer) for layer in layers}
         instruction = XBarRecorder(layers[0], image_tokens=model.config.num_patches)
         examples = train_toy.training_examples("kmeans", config.seed, 0, prompts, tasks=train_toy.training_tasks(config))
-        gram = answer_update_gram(model.eval(), *train_toy.collate(examples, train_toy.TOK, next(model.parameters()).device))
+        images, tokens, prompt_lens = train_toy.collate(examples, train_toy.TOK, next(model.parameters()).device)
+        gram = answer_update_gram(model.eval(), images, tokens, prompt_lens)
         model.train()
         for record in [*seen.values(), instruction]:
             record.handle.remove()
-        U = fitted(instruction.x_bar.double().cpu(), gram)  # (n, 32)
+        if words:
+            in_prompt = torch.arange(tokens.shape[1], device=tokens.device) < prompt_lens[:, None]  # (n, L)
+            with torch.no_grad():
+                X = common.masked_mean(model.embed(tokens), in_prompt).double().cpu()  # (n, d_model)
+        else:
+            X = instruction.x_bar.double().cpu()  # (n, d_in)
+        U = fitted(X, gram)  # (n, 32)
         gen = torch.Generator().manual_seed(config.seed)
         target = -torch.cdist(U, k_means(U, layers[0].num_factors, iters, gen)) ** 2  # (n, E)
         target = target - target.mean(1, keepdim=True)  # only an instance's ranking of the clusters counts
@@ -319,6 +333,10 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
     "instruction-only + k-means; frozen (as MoCLE)": (dict(method="instruction-kmeans", scores="sigmoid", router_grad=False),
                                                       kmeans(instruction_only)),
     "credit + Gumbel + 100x lr": (dict(method="credit-gumbel", scores="sigmoid", router_lr=100.0), credit_gumbel),
+    "update k-means; frozen": (dict(method="mixlora-update", scores="sigmoid", router_grad=False),
+                               update_kmeans(variant(MixLoRALinear))),
+    "instruction-only + update k-means (words); frozen": (
+        dict(method="instruction-update-words", scores="sigmoid", router_grad=False), update_kmeans(instruction_only, words=True)),
     "instruction-only + update k-means": (dict(method="instruction-update", scores="sigmoid"), update_kmeans(instruction_only)),
     "instruction-only + update k-means; frozen": (dict(method="instruction-update", scores="sigmoid", router_grad=False),
                                                   update_kmeans(instruction_only)),
@@ -564,7 +582,8 @@ def figure(results: dict, path: Path) -> None:
     pw, ph, m = 420, 240, 50
     img = Image.new("RGB", (2 * pw + 20, len(cells) * (ph + 40) + 20 + 18 * ((len(methods) + 1) // 2)), "white")
     draw = ImageDraw.Draw(img)
-    extra = [(0, 128, 128), (128, 0, 0), (0, 0, 128), (128, 128, 0), (255, 0, 255), (0, 200, 0)]  # past tab10's ten
+    extra = [(0, 128, 128), (128, 0, 0), (0, 0, 128), (128, 128, 0), (255, 0, 255), (0, 200, 0),  # past tab10's ten
+             (255, 99, 71), (70, 130, 180), (210, 180, 140), (0, 255, 255), (139, 69, 19), (128, 128, 255)]
     others = iter(common.PALETTE + extra)
     colour = {label: (0, 0, 0) if label == "oracle" else next(others) for label in methods}
     for row, key in enumerate(cells):
