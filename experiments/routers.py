@@ -230,12 +230,12 @@ def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, word
         model = adapt(model, config)
         layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
         seen = {layer: XBarRecorder(layer) for layer in layers}
-        instruction = XBarRecorder(layers[0], image_tokens=model.config.num_patches)
+        instruction = None if words else XBarRecorder(layers[0], image_tokens=model.config.num_patches)
         examples = train_toy.training_examples("kmeans", config.seed, 0, prompts, tasks=train_toy.training_tasks(config))
         images, tokens, prompt_lens = train_toy.collate(examples, train_toy.TOK, next(model.parameters()).device)
         gram = answer_update_gram(model.eval(), images, tokens, prompt_lens)
         model.train()
-        for record in [*seen.values(), instruction]:
+        for record in [*seen.values(), *([instruction] if instruction else [])]:
             record.handle.remove()
         if words:
             in_prompt = torch.arange(tokens.shape[1], device=tokens.device) < prompt_lens[:, None]  # (n, L)
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or ("runs/routers-quick" if args.quick else "experiments/results/routers"))
     base = common.config(args.quick, args.device, args.checkpoints, steps=args.steps)
     start = time.time()
-    results: dict = {"steps": base.steps, "points": points, "seeds": args.seeds, "curves": {}}
+    results: dict = {"points": points, "seeds": args.seeds, "curves": {}}  # each run keeps its steps
     for key in chosen:
         config = replace(base, **cells[key])
         curves: dict[str, list[dict]] = {}
