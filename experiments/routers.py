@@ -28,8 +28,9 @@ The routers (METHODS): the paper's (softmax scores), ours (sigmoid scores), froz
 (what the released code trains), task-ID routing (Poly's learnt table per task, which needs the
 label), the oracle, and remedies from four families, each a few lines below: counterfactual credit
 for the factors not chosen, exploration by Gumbel top-r, data-dependent starts (k-means of x̄, as
-MoCLE clusters instructions; k-means of the image → answer update, `update_kmeans`) and
-instruction-only x̄, and Poly's two-speed learning rate.
+MoCLE clusters instructions; k-means of the image → answer update, `update_kmeans`), what the
+routers read (instruction-only x̄; the instruction's words, the same x̄ in every layer), and Poly's
+two-speed learning rate.
 """
 
 import json
@@ -47,7 +48,7 @@ import toy_tasks
 import train_toy
 from experiments import common
 from experiments.common import cell
-from mixlora import MixLoRALinear, Routing, mark_only_adapters_trainable, replace_linears, straight_through
+from mixlora import SCORES, MixLoRALinear, Routing, mark_only_adapters_trainable, replace_linears, straight_through
 from tiny_mllm import TinyMLLM, answer_mask
 from train_toy import Config
 
@@ -133,6 +134,39 @@ class InstructionOnly(MixLoRALinear):
         return super().route(x, mask)
 
 
+class InstructionWords(MixLoRALinear):
+    """Routers that read the instruction's words: x̄ = the mean embedding of the instruction's
+    tokens, the same x̄ in every layer, where a deeper layer's instruction x̄ is mostly the image
+    (`signal`). R^A and R^B are (E, d_model), p^A = score(R^A x̄), p^B = score(R^B x̄):
+    IFS only, since CFS reads the layer's own pool. `embedded` (N, L, d_model), the text's
+    embeddings, is set by a hook on the embedding (`instruction_words`)."""
+
+    def __init__(self, base: nn.Linear, num_factors: int, rank: int, d_words: int, **kwargs):
+        super().__init__(base, num_factors, rank, **kwargs)
+        if self.conditional:
+            raise ValueError("InstructionWords routes by IFS only: pass conditional=False")
+        for name in ("router_A", "router_B"):  # as MixLoRALinear's init, with d_words inputs
+            w = ((torch.rand(num_factors, d_words) * 2 - 1) / d_words ** 0.5).to(self.lora_A)
+            delattr(self, name)
+            if self.router_grad:
+                self.register_parameter(name, nn.Parameter(w))
+            else:
+                self.register_buffer(name, w)
+        self.embedded: Tensor | None = None
+
+    def x_bar(self, mask: Tensor) -> Tensor:
+        """The mean embedding over the instruction: the prompt mask's text part (N, L) -> (N, d_model)."""
+        return common.masked_mean(self.embedded, mask[:, -self.embedded.shape[1]:])
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        x_bar, score = self.x_bar(mask).float(), SCORES[self.scores]  # (N, d_model)
+        p_a, p_b = score(x_bar @ self.router_A.float().T), score(x_bar @ self.router_B.float().T)  # (N, E) each
+        if not self.router_grad:
+            p_a, p_b = p_a.detach(), p_b.detach()
+        index_a, index_b = self.top_r(p_a), self.top_r(p_b)  # (N, r) each
+        return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
+
+
 class TaskTable(MixLoRALinear):
     """Task-ID routing, as Poly (Ponti et al., 2022) routes: a learnt table of logits per task and
     pool, read by the task label (set .task), relaxed in training by Poly's Gumbel-sigmoid (logistic
@@ -178,6 +212,19 @@ def task_table(model: TinyMLLM, config: Config) -> TinyMLLM:
 def instruction_only(model: TinyMLLM, config: Config) -> TinyMLLM:
     InstructionOnly.image_tokens = model.config.num_patches
     return variant(InstructionOnly)(model, config)
+
+
+def instruction_words(model: TinyMLLM, config: Config) -> TinyMLLM:
+    model = variant(InstructionWords, d_words=model.config.d_model)(model, config)
+    layers = [m for m in model.modules() if isinstance(m, InstructionWords)]
+
+    def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if inputs[0].dim() == 2:  # (N, L): a whole text; a decode step embeds (N,) tokens and reuses the routing
+            for layer in layers:
+                layer.embedded = output
+
+    model.embed.register_forward_hook(keep)
+    return model
 
 
 def gumbel(model: TinyMLLM, config: Config) -> TinyMLLM:
@@ -237,20 +284,17 @@ def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, word
         model.train()
         for record in [*seen.values(), *([instruction] if instruction else [])]:
             record.handle.remove()
-        if words:
-            in_prompt = torch.arange(tokens.shape[1], device=tokens.device) < prompt_lens[:, None]  # (n, L)
-            with torch.no_grad():
-                X = common.masked_mean(model.embed(tokens), in_prompt).double().cpu()  # (n, d_model)
-        else:
-            X = instruction.x_bar.double().cpu()  # (n, d_in)
-        U = fitted(X, gram)  # (n, 32)
+        in_prompt = torch.arange(tokens.shape[1], device=tokens.device) < prompt_lens[:, None]  # (n, L)
+        with torch.no_grad():
+            said = common.masked_mean(model.embed(tokens), in_prompt).double().cpu()  # (n, d_model): the words
+        U = fitted(said if words else instruction.x_bar.double().cpu(), gram)  # (n, 32)
         gen = torch.Generator().manual_seed(config.seed)
         target = -torch.cdist(U, k_means(U, layers[0].num_factors, iters, gen)) ** 2  # (n, E)
         target = target - target.mean(1, keepdim=True)  # only an instance's ranking of the clusters counts
         target = target - target.mean(0)  # no factor favoured on average: a bias-free router has no offset
         with torch.no_grad():
             for layer, record in seen.items():
-                X = record.x_bar.double().cpu()  # (n, d_in)
+                X = said if isinstance(layer, InstructionWords) else record.x_bar.double().cpu()  # (n, d_in)
                 R = ridge(X, target)  # (d_in, E)
                 R = R * 2.0 / (X @ R).std().clamp_min(1e-12)
                 for router in (layer.router_A, layer.router_B):
@@ -337,6 +381,10 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
                                update_kmeans(variant(MixLoRALinear))),
     "instruction-only + update k-means (words); frozen": (
         dict(method="instruction-update-words", scores="sigmoid", router_grad=False), update_kmeans(instruction_only, words=True)),
+    "instruction words": (dict(method="words", scores="sigmoid", conditional=False), instruction_words),
+    "instruction words + update k-means; frozen": (
+        dict(method="words-update", scores="sigmoid", conditional=False, router_grad=False),
+        update_kmeans(instruction_words, words=True)),
     "instruction-only + update k-means": (dict(method="instruction-update", scores="sigmoid"), update_kmeans(instruction_only)),
     "instruction-only + update k-means; frozen": (dict(method="instruction-update", scores="sigmoid", router_grad=False),
                                                   update_kmeans(instruction_only)),

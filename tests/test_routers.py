@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import toy_tasks
 import train_toy
 from experiments import common, routers
 from mixlora import LoRALinear, MixLoRALinear, adapter_state_dict
@@ -165,6 +166,55 @@ def test_update_kmeans_routes_instances_of_one_cluster_alike(tmp_path):
     tasks = list(train_toy.suite(config).values())
     report = routers.diagnose(model.eval(), tasks, 32, None)
     assert report["within"][0] - report["between"][0] > 0.2
+
+
+def test_instruction_words_route_on_the_words_alone_the_same_x_bar_in_every_layer(tmp_path):
+    # x̄ is the mean embedding of the instruction's tokens: another image (and so every deeper
+    # layer's input) changes no selection, a changed word does, and the plain MixLoRA layer's does move.
+    config = replace(train_toy.quick(train_toy.Config(checkpoints=str(tmp_path))), conflict=(2, 1.0))
+    changes, adapt = routers.METHODS["instruction words"]
+    model = common.untrained(replace(config, **changes), adapt).eval()
+    layers = [m for m in model.modules() if isinstance(m, routers.InstructionWords)]
+    assert layers and all(m.router_A.shape == (m.num_factors, model.config.d_model) for m in layers)
+    tasks = list(train_toy.suite(config).values())
+    examples = [e for t in tasks for e in toy_tasks.samples(t, 8, f"words-{t.name}")]
+    images, tokens, lens = train_toy.collate(examples, train_toy.TOK, "cpu", with_answer=False)
+
+    def chosen(images: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            model(images, tokens, lens)
+        return [torch.cat([m.last_routing.index_a, m.last_routing.index_b], 1) for m in layers]
+
+    before = chosen(images, tokens)
+    in_prompt = torch.arange(tokens.shape[1]) < lens[:, None]
+    x_bar = common.masked_mean(model.embed(tokens), in_prompt)  # (N, d_model)
+    expected = (x_bar @ layers[0].router_A.T).sigmoid().topk(layers[0].rank).indices.sort(1).values
+    assert torch.equal(before[0][:, :layers[0].rank], expected)
+    assert all(torch.equal(a, b) for a, b in zip(before, chosen(images.flip(0), tokens)))
+    other = tokens.clone()
+    other[:, 0] = train_toy.TOK.stoi[tasks[1].name]  # the task word, the instruction's first token
+    assert any(not torch.equal(a, b) for a, b in zip(before, chosen(images, other)))
+    plain = common.untrained(replace(config, method="mixlora")).eval()
+    first = next(m for m in plain.modules() if isinstance(m, MixLoRALinear))
+    with torch.no_grad():
+        plain(images, tokens, lens)
+        s = first.last_routing.index_a.clone()
+        plain(images.flip(0), tokens, lens)
+    assert not torch.equal(s, first.last_routing.index_a)
+    with pytest.raises(ValueError, match="IFS only"):
+        routers.InstructionWords(nn.Linear(4, 3), 4, 2, d_words=8)
+
+
+def test_instruction_words_update_start_separates_the_tasks_in_every_block(tmp_path):
+    # The layer-input update start separates the tasks in block 0 only (`signal`: deeper inputs are
+    # mostly the image); on the words every block reads the same x̄, fitted to the same target.
+    config = replace(train_toy.quick(train_toy.Config(checkpoints=str(tmp_path))), conflict=(2, 1.0))
+    changes, adapt = routers.METHODS["instruction words + update k-means; frozen"]
+    model = common.untrained(replace(config, **changes), adapt)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".router_" in n)
+    report = routers.diagnose(model.eval(), list(train_toy.suite(config).values()), 32, None)
+    gaps = np.subtract(report["within"], report["between"])
+    assert len(gaps) == len(model.layers) and (gaps > 0.2).all() and np.ptp(gaps) < 1e-9
 
 
 def test_steps_to_and_separation():
