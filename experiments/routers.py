@@ -134,6 +134,12 @@ class InstructionOnly(MixLoRALinear):
         return super().route(x, mask)
 
 
+def top_r_routing(layer: MixLoRALinear, p_a: Tensor, p_b: Tensor) -> Routing:
+    """S^A = top-r(p^A) and S^B = top-r(p^B) (N, r), with MixLoRA's straight-through gates."""
+    index_a, index_b = layer.top_r(p_a), layer.top_r(p_b)
+    return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
+
+
 class InstructionWords(MixLoRALinear):
     """Routers that read the instruction's words: x̄ = the mean embedding of the instruction's
     tokens, the same x̄ in every layer, where a deeper layer's instruction x̄ is mostly the image
@@ -163,8 +169,7 @@ class InstructionWords(MixLoRALinear):
         p_a, p_b = score(x_bar @ self.router_A.float().T), score(x_bar @ self.router_B.float().T)  # (N, E) each
         if not self.router_grad:
             p_a, p_b = p_a.detach(), p_b.detach()
-        index_a, index_b = self.top_r(p_a), self.top_r(p_b)  # (N, r) each
-        return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
+        return top_r_routing(self, p_a, p_b)
 
 
 class TaskTable(MixLoRALinear):
@@ -183,8 +188,7 @@ class TaskTable(MixLoRALinear):
             u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
             z = z + torch.log(u) - torch.log1p(-u)  # logistic noise: Gumbel-sigmoid
         p_a, p_b = torch.sigmoid(z)
-        index_a, index_b = self.top_r(p_a), self.top_r(p_b)
-        return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
+        return top_r_routing(self, p_a, p_b)
 
 
 # ---- building a run ----------------------------------------------------------------------------
@@ -382,6 +386,8 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
     "instruction-only + update k-means (words); frozen": (
         dict(method="instruction-update-words", scores="sigmoid", router_grad=False), update_kmeans(instruction_only, words=True)),
     "instruction words": (dict(method="words", scores="sigmoid", conditional=False), instruction_words),
+    "instruction words + update k-means": (dict(method="words-update", scores="sigmoid", conditional=False),
+                                           update_kmeans(instruction_words, words=True)),
     "instruction words + update k-means; frozen": (
         dict(method="words-update", scores="sigmoid", conditional=False, router_grad=False),
         update_kmeans(instruction_words, words=True)),
@@ -390,6 +396,10 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
                                                   update_kmeans(instruction_only)),
 }
 ROUTED = [m for m in METHODS if not m.startswith("LoRA")]
+FIGURE = ["LoRA r=4", "LoRA r=16", "MixLoRA softmax (the paper)", "MixLoRA sigmoid", "frozen routers (released code)",
+          "task table (Poly; needs the label)", "oracle", "counterfactual credit", "Gumbel top-r",
+          "instruction-only + k-means; frozen (as MoCLE)", "instruction-only + update k-means; frozen",
+          "instruction words", "instruction words + update k-means; frozen"]  # the figure's lines: one or two per family
 
 
 # ---- measuring along one schedule ----------------------------------------------------------------
@@ -623,10 +633,10 @@ def tables(results: dict) -> str:
 
 def figure(results: dict, path: Path) -> None:
     """Per cell: seen accuracy along the schedule, and the best block's within − between Jaccard,
-    mean over seeds, one line per method."""
+    mean over seeds, one line per method of FIGURE (all of METHODS would be too many to tell apart)."""
     from PIL import Image, ImageDraw
     cells = list(results["curves"])
-    methods = [m for m in METHODS if any(m in by_method for by_method in results["curves"].values())]
+    methods = [m for m in FIGURE if any(m in by_method for by_method in results["curves"].values())]
     pw, ph, m = 420, 240, 50
     img = Image.new("RGB", (2 * pw + 20, len(cells) * (ph + 40) + 20 + 18 * ((len(methods) + 1) // 2)), "white")
     draw = ImageDraw.Draw(img)
@@ -635,6 +645,7 @@ def figure(results: dict, path: Path) -> None:
     others = iter(common.PALETTE + extra)
     colour = {label: (0, 0, 0) if label == "oracle" else next(others) for label in methods}
     for row, key in enumerate(cells):
+        steps = next(iter(results["curves"][key].values()))[0]["steps"]  # the cell's schedule
         for col, (title, lo, hi) in enumerate([(f"{key}: seen exact match %", 0.0, 100.0),
                                                (f"{key}: within − between Jaccard (best block)", -0.1, 1.0)]):
             x0, y0 = col * (pw + 10) + m, row * (ph + 40) + 30
@@ -644,9 +655,8 @@ def figure(results: dict, path: Path) -> None:
             for v in (lo, hi):
                 draw.text((x0 - 40, y1 - (v - lo) / (hi - lo) * (y1 - y0) - 7), f"{v:g}", fill="black", font=common.FONT)
             for label, runs in results["curves"][key].items():
-                if col == 1 and not runs[0]["routing"]:
+                if label not in colour or col == 1 and not runs[0]["routing"]:
                     continue
-                steps = runs[0]["steps"]
                 ys = np.mean([r["seen"] if col == 0 else [separation(p) for p in r["routing"]] for r in runs], axis=0)
                 pts = [(x0 + s / steps[-1] * (x1 - x0), y1 - (min(max(y, lo), hi) - lo) / (hi - lo) * (y1 - y0))
                        for s, y in zip(steps, ys)]
