@@ -640,8 +640,7 @@ def figure(results: dict, path: Path) -> None:
     pw, ph, m = 420, 240, 50
     img = Image.new("RGB", (2 * pw + 20, len(cells) * (ph + 40) + 20 + 18 * ((len(methods) + 1) // 2)), "white")
     draw = ImageDraw.Draw(img)
-    extra = [(0, 128, 128), (128, 0, 0), (0, 0, 128), (128, 128, 0), (255, 0, 255), (0, 200, 0),  # past tab10's ten
-             (255, 99, 71), (70, 130, 180), (210, 180, 140), (0, 255, 255), (139, 69, 19), (128, 128, 255)]
+    extra = [(0, 128, 128), (128, 0, 0)]  # past tab10's ten: FIGURE has twelve lines besides the oracle's
     others = iter(common.PALETTE + extra)
     colour = {label: (0, 0, 0) if label == "oracle" else next(others) for label in methods}
     for row, key in enumerate(cells):
