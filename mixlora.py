@@ -192,15 +192,17 @@ class MixLoRALinear(_LowRankAdapter):
         x, mask = _instances(x, mask, self.in_features)  # (N, T, d_in), (N, T) or None
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
+            # Routing reads x and the a-pool, and trains the routers only (§3.4): detached, so that
+            # no routing gradient reaches the factors or the layers below, and E = r trains as LoRA.
+            x = x.detach().to(dtype)  # pooled in float32 too (§3.5)
             if mask is None:
                 x_bar = x.mean(1)  # (N, d_in)
             else:
                 # Masked mean as one matmul. clamp: an instance with no prompt position (an error
                 # where _instances can check it) routes on x̄ = 0, never on NaN.
-                m = mask.to(x.dtype)
+                m = mask.to(dtype)
                 m = m / m.sum(1, keepdim=True).clamp(min=1)
                 x_bar = torch.bmm(m[:, None, :], x).squeeze(1)  # (N, d_in)
-            x_bar = x_bar.to(dtype)
             score = SCORES[self.scores]  # softmax over the E factors (the paper), or σ per factor
             # IFS: p^A = softmax(R^A x̄), S^A = top-r, in canonical (ascending) order.
             p_a = score(x_bar @ self.router_A.to(dtype).T)  # (N, E)
@@ -224,7 +226,7 @@ class MixLoRALinear(_LowRankAdapter):
         Every factor f is scored in every slot j once, G_fje = <a_f, W^CFS_{j,:,e}> (no per-
         instance gather of A, no copy of W^CFS), then the r entries chosen are added up.
         """
-        G = self.lora_A.to(dtype) @ self.router_cfs.to(dtype).flatten(1)  # (E, r·E)
+        G = self.lora_A.detach().to(dtype) @ self.router_cfs.to(dtype).flatten(1)  # (E, r·E); trains W^CFS only
         slots = torch.arange(self.rank, device=index_a.device)
         return _gather(G.view(-1, self.num_factors), index_a * self.rank + slots).sum(1)  # (N, r, E) -> (N, E)
 

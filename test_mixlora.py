@@ -1,5 +1,6 @@
 """Property tests for mixlora.py: the equations of docs/method.md, checked over random shapes in float64."""
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -70,6 +71,47 @@ def test_E_equals_r_is_lora(c: Case, use_mask: bool, scores: str):
     mask = random_mask(c.N, c.T, torch.Generator().manual_seed(c.seed)) if use_mask else None
     torch.testing.assert_close(mix(x, mask), lora(x), rtol=1e-12, atol=1e-12)
     assert torch.equal(mix.last_routing.index_a, torch.arange(c.r).expand(c.N, c.r))
+
+
+@given(cases(E_equals_r=True), st.booleans(), st.sampled_from(list(SCORES)), st.floats(0.25, 4.0))
+def test_E_equals_r_trains_as_lora(c: Case, use_mask: bool, scores: str, cfs_weight: float):
+    """E = r is LoRA in training too (§3.4): the routing's gradient trains the routers and nothing else.
+
+    Two adapted layers in a row, so that a gradient through the second layer's x̄ would reach the
+    first layer's pools; the same pools, the same AdamW steps, the same pools after them.
+    """
+    torch.manual_seed(c.seed)
+    hidden = c.d_in + 2
+    base = nn.Sequential(nn.Linear(c.d_in, hidden, dtype=F64), nn.Tanh(), nn.Linear(hidden, c.d_out, dtype=F64))
+    lora = add_lora(copy.deepcopy(base), ["0", "2"], c.r, alpha=3.0)
+    mix = add_mixlora(copy.deepcopy(base), ["0", "2"], c.r, c.r, alpha=3.0, conditional=c.conditional,
+                      cfs_weight=cfs_weight, scores=scores)
+    with torch.no_grad():
+        for i in (0, 2):
+            nn.init.normal_(lora[i].lora_B)
+            mix[i].lora_A.copy_(lora[i].lora_A)
+            mix[i].lora_B.copy_(lora[i].lora_B)
+    pools = {m: [p for n, p in m.named_parameters() if n.split(".")[-1] in ("lora_A", "lora_B")] for m in (lora, mix)}
+    for m in (lora, mix):
+        mark_only_adapters_trainable(m)  # MixLoRA's routers train too, and must change nothing
+    opts = {m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (lora, mix)}
+    g = torch.Generator().manual_seed(c.seed)
+    for _ in range(3):
+        x = torch.randn(c.N, c.T, c.d_in, dtype=F64, generator=g)
+        mask = random_mask(c.N, c.T, g) if use_mask else torch.ones(c.N, c.T, dtype=torch.bool)
+        ys = {}
+        for m in (lora, mix):
+            with routing_mask(m, mask):
+                ys[m] = m(x)
+                loss_of_output(ys[m]).backward()
+        torch.testing.assert_close(ys[mix], ys[lora], rtol=1e-12, atol=1e-12)
+        for p, q in zip(pools[mix], pools[lora], strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+        for m in (lora, mix):
+            opts[m].step()
+            opts[m].zero_grad()
+    for p, q in zip(pools[mix], pools[lora], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 @given(cases())
@@ -276,7 +318,11 @@ def test_routers_get_gradients_and_unchosen_pool_rows_get_zero(c: Case):
 
 
 def papers_p(layer: MixLoRALinear, x: torch.Tensor, mask: torch.Tensor, index_a: torch.Tensor):
-    """p^A and p^B written out from docs/method.md (§3.2-3.3, and §3.9 for scores="sigmoid"), for a layer and its S^A."""
+    """p^A and p^B written out from docs/method.md (§3.2-3.3, and §3.9 for scores="sigmoid"), for a layer and its S^A.
+
+    Routing reads x and the a-pool but trains only the routers (§3.4): both enter detached.
+    """
+    x, A = x.detach(), layer.lora_A.detach()
     m = mask.to(x.dtype)
     x_bar = (m[..., None] * x).sum(1) / m.sum(1, keepdim=True)  # the masked mean of x, not of dropout(x)
     if layer.scores == "softmax":
@@ -289,7 +335,7 @@ def papers_p(layer: MixLoRALinear, x: torch.Tensor, mask: torch.Tensor, index_a:
     p_b = score(x_bar @ layer.router_B.T)
     if layer.conditional:  # c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>, p^B += λ score(c)
         W = layer.router_cfs.permute(1, 0, 2)  # (r, d_in, E): W[j, :, e] = W^CFS_{j,:,e}
-        c = torch.stack([sum(layer.lora_A[index_a[n, j]] @ W[j] for j in range(layer.rank))
+        c = torch.stack([sum(A[index_a[n, j]] @ W[j] for j in range(layer.rank))
                          for n in range(x.shape[0])])  # (N, E)
         p_b = p_b + layer.cfs_weight * score(c)
     return p_a, p_b
@@ -319,6 +365,7 @@ def test_routing_is_top_r_of_the_papers_p_and_gates_carry_its_gradient(c: Case, 
                               allow_unused=True, materialize_grads=True)
     for e, g_ in zip(expected, got):
         torch.testing.assert_close(g_, e, rtol=1e-10, atol=1e-12)
+    assert not got[0].any() and not got[1].any()  # nothing reaches x or the a-pool through the gates
     assert torch.equal(routing.gate_a, torch.ones_like(routing.gate_a))  # and exactly 1 in value
     assert torch.equal(routing.gate_b, torch.ones_like(routing.gate_b))
 
