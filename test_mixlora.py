@@ -411,6 +411,23 @@ def test_routing_runs_in_float32_under_bf16_autocast():
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
 
 
+def test_x_bar_is_pooled_in_float32_and_routing_is_the_same_under_bf16_autocast():
+    """§3.5: x is cast before it is pooled, so bf16 activations route exactly as their float32 values do."""
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(64, 16), 16, 4)
+    x = torch.randn(32, 50, 64).to(torch.bfloat16)  # bf16 activations, as a bf16 model makes
+    mask = random_mask(32, 50, torch.Generator().manual_seed(0))
+    exact = layer.route(x.float(), mask)  # the float32 values of the same activations
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = layer.route(x, mask)
+    for got, want in zip(routed, exact):
+        assert torch.equal(got, want)
+    m = mask.float() / mask.sum(1, keepdim=True)
+    x_bar_bf16 = torch.bmm(m[:, None].to(torch.bfloat16), x).squeeze(1).float()  # pooled in bf16, then cast
+    x_bar_fp32 = torch.bmm(m[:, None], x.float()).squeeze(1)
+    assert not torch.equal(x_bar_bf16, x_bar_fp32)  # so the order of cast and pooling is seen by the test
+
+
 def test_a_bf16_model_without_autocast_runs_and_routes_in_float32():
     torch.manual_seed(0)
     layer = MixLoRALinear(nn.Linear(32, 16), 16, 4).to(torch.bfloat16)
