@@ -87,8 +87,8 @@ class OracleRouting(MixLoRALinear):
     routing. Set .task (N,) before each forward.
     """
 
-    def __init__(self, base: nn.Linear, num_tasks: int, rank: int):
-        super().__init__(base, num_tasks * rank, rank, alpha=2 * rank, conditional=False, router_grad=False)
+    def __init__(self, base: nn.Linear, num_tasks: int, rank: int, alpha: float):
+        super().__init__(base, num_tasks * rank, rank, alpha, conditional=False, router_grad=False)
         self.task: Tensor | None = None
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
@@ -102,7 +102,7 @@ def add_oracle(model: TinyMLLM, config: Config) -> TinyMLLM:
     factors, told its instances' task by read_task."""
     tasks = list(train_toy.suite(config).values())
     torch.manual_seed(config.seed + 1)
-    replace_linears(model, config.targets, lambda base: OracleRouting(base, len(tasks), config.rank))
+    replace_linears(model, config.targets, lambda base: OracleRouting(base, len(tasks), config.rank, config.alpha))
     read_task(model, tasks, [m for m in model.modules() if isinstance(m, OracleRouting)])
     return mark_only_adapters_trainable(model)
 

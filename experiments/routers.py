@@ -198,7 +198,7 @@ def variant(layer: type[MixLoRALinear], **extra) -> common.Adapt:
     def adapt(model: TinyMLLM, config: Config) -> TinyMLLM:
         torch.manual_seed(config.seed + 1)  # the same pools and routers at init as MixLoRA's of the seed
         replace_linears(model, config.targets, lambda base: layer(
-            base, config.factors, config.rank, alpha=config.scale_alpha, conditional=config.conditional,
+            base, config.factors, config.rank, alpha=config.alpha, conditional=config.conditional,
             router_grad=config.router_grad, scores=config.scores, **extra))
         return mark_only_adapters_trainable(model)
     return adapt
@@ -208,7 +208,7 @@ def task_table(model: TinyMLLM, config: Config) -> TinyMLLM:
     tasks = list(train_toy.suite(config).values())
     torch.manual_seed(config.seed + 1)
     replace_linears(model, config.targets, lambda base: TaskTable(
-        base, config.factors, config.rank, len(tasks), alpha=config.scale_alpha))
+        base, config.factors, config.rank, len(tasks), alpha=config.alpha))
     common.read_task(model, tasks, [m for m in model.modules() if isinstance(m, TaskTable)])
     return mark_only_adapters_trainable(model)
 
