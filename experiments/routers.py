@@ -462,11 +462,11 @@ def along(config: Config, adapt: common.Adapt, steps: list[int]):
 def curve(label: str, config: Config, out: Path, points: int, train: bool = True) -> dict | None:
     """One run of `label` on one cell and seed, evaluated at `points` + 1 steps along its schedule:
     {"steps", "seen" and "heldout" (exact match % on the seen and the held-out phrasings), and for
-    routed runs "routing" per point (diagnose)}. Cached as
-    <out>/cache/<run name>-curve<points>.json; train=False returns None for a run not in the cache."""
+    routed runs "routing" per point (diagnose)}. Cached (common.cache_file) on the config, the label and
+    the points; train=False returns None for a run not in the cache."""
     changes, adapt = METHODS[label]
     config = replace(config, **changes)
-    cache = out / "cache" / f"{train_toy.run_name(config)}-curve{points}.json"
+    cache = common.cache_file(out, f"{train_toy.run_name(config)}-curve{points}", config, label=label, points=points)
     if cache.exists():
         return json.loads(cache.read_text())
     if not train:
@@ -707,9 +707,10 @@ def main(argv: list[str] | None = None) -> dict:
                     curves.setdefault(label, []).append(run | {"seed": seed})
         if curves:  # (with --cached, a cell may have none)
             results["curves"][key] = curves
-            cache = out / "cache" / f"signal-{train_toy.run_name(replace(config, method='mixlora', seed=0))}.json"
+            signal_config, prompts = replace(config, method="mixlora", seed=0), 64 if args.quick else 512
+            cache = common.cache_file(out, f"signal-{train_toy.run_name(signal_config)}", signal_config, prompts=prompts)
             if not cache.exists() and not args.cached and config.conflict:  # (the phrasing: the conflict's templates)
-                cache.write_text(json.dumps(signal(replace(config, seed=0), prompts=64 if args.quick else 512)))
+                cache.write_text(json.dumps(signal(signal_config, prompts=prompts)))
             if cache.exists():
                 results.setdefault("signal", {})[key] = json.loads(cache.read_text())
     if not results["curves"]:  # --cached with an empty cache: keep the committed report
