@@ -602,7 +602,7 @@ def tables(results: dict) -> str:
         steps = next(iter(by_method.values()))[0]["steps"]
         lines += [f"### {key}: {steps[-1]} steps, evaluated every {steps[1]}", "",
                   "Steps to 90 % on the seen phrasings per seed (-: never), the final accuracy on the seen and "
-                  "the held-out phrasings (mean ± std over seeds; held-out: - where the cached run did not record it), "
+                  "the held-out phrasings (mean ± std over seeds), "
                   "and, at the end, per block: the probe's accuracy and within − between Jaccard "
                   "(mean over seeds), and the largest share of selections that changed over the last interval:", "",
                   "| method | seeds | steps to 90 % | final seen % | final held-out % | probe per block | within − between per block | changed |",
@@ -611,7 +611,7 @@ def tables(results: dict) -> str:
             seeds = ", ".join(str(r["seed"]) for r in runs)
             reach = " / ".join("-" if s is None else str(s) for s in map(steps_to, runs))
             final = cell([r["seen"][-1] for r in runs])
-            heldout = cell([r["heldout"][-1] for r in runs]) if all("heldout" in r for r in runs) else "-"
+            heldout = cell([r["heldout"][-1] for r in runs])
             if runs[0]["routing"]:
                 ends = [r["routing"][-1] for r in runs]
                 probe_cells = " · ".join(f"{v:.2f}" for v in np.mean([e["probe"] for e in ends], axis=0))
