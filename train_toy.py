@@ -56,7 +56,7 @@ class Config:
     conditional: bool = True  # CFS; False: IFS only (λ = 0, no W^CFS)
     router_grad: bool = True  # False: routers frozen at their random init (the released code)
     scores: str = "softmax"  # MixLoRA's router scores: "softmax" (the paper) or "sigmoid"
-    alpha: float | None = None  # the adapters' α (scale α/r); None: 2r
+    scaling: float = 2.0  # the adapters' scale α/r: α = 2r at every rank (mixlora's own default is α = r)
     train_projector: bool = False  # also train the projector (LLaVA's recipe)
     targets: tuple[str, ...] = TARGETS  # the LM linears that get adapters
     router_lr: float = 1.0  # the routers' learning rate, as a multiple of lr (Poly trains its routing faster)
@@ -76,8 +76,9 @@ class Config:
     checkpoints: str = "checkpoints"
 
     @property
-    def scale_alpha(self) -> float:
-        return 2.0 * self.rank if self.alpha is None else self.alpha
+    def alpha(self) -> float:
+        """The α that adapt() passes to mixlora, always explicitly: scaling · r."""
+        return self.scaling * self.rank
 
 
 DEFAULT_LR = Config.lr
@@ -129,8 +130,9 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     if a.batch_size % world:
         p.error(f"argument --batch-size: {a.batch_size} is the global batch; it must divide evenly "
                 f"over the {world} processes")
+    scaling = Config.scaling if a.alpha is None else a.alpha / a.rank  # --alpha is α; a Config keeps α/r
     config = Config(rank=a.rank, factors=a.factors, conditional=not a.no_cfs, router_grad=not a.frozen_routers,
-                    scores=a.scores, alpha=a.alpha, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
+                    scores=a.scores, scaling=scaling, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
                     base_steps=a.base_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                     eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
     config = quick(config) if a.quick else config
@@ -383,19 +385,19 @@ def run_name(config: Config) -> str:
     name += "-on-" + "+".join(c.targets) if c.targets != TARGETS else ""
     name += f"-routerlr{c.router_lr:g}" if c.router_lr != 1.0 else ""
     name += f"-lr{c.lr:g}" if c.lr != DEFAULT_LR else ""
-    name += f"-alpha{c.alpha:g}" if c.scale_alpha != 2 * c.rank else ""
+    name += f"-alpha{c.alpha:g}" if c.scaling != Config.scaling else ""
     name += f"-K{c.conflict[0]}-conflict{c.conflict[1]:g}" if c.conflict else ""
     return name + f"-s{c.seed}-steps{c.steps}" + ("-quick" if c.quick else "")
 
 
 def adapt(model: TinyMLLM, config: Config) -> TinyMLLM:
-    """Stage 2's model: the frozen base with adapters on every LM linear layer (α = 2r for both
-    unless config.alpha says otherwise)."""
+    """Stage 2's model: the frozen base with adapters on every LM linear layer, at α = config.alpha
+    (2r for both unless --alpha says otherwise)."""
     torch.manual_seed(config.seed + 1)  # the same adapter init for every run of a seed
     if config.method == "lora":
-        add_lora(model, config.targets, config.rank, alpha=config.scale_alpha)
+        add_lora(model, config.targets, config.rank, alpha=config.alpha)
     elif config.method == "mixlora":
-        add_mixlora(model, config.targets, config.factors, config.rank, alpha=config.scale_alpha,
+        add_mixlora(model, config.targets, config.factors, config.rank, alpha=config.alpha,
                     conditional=config.conditional, router_grad=config.router_grad, scores=config.scores)
     else:
         raise ValueError(f"unknown method {config.method!r}; expected one of {', '.join(METHODS)}")

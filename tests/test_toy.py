@@ -293,13 +293,16 @@ def test_gradient_cosine_is_one_for_identical_tasks_minus_one_for_opposite_and_z
 
 def test_alpha_and_lr_flags_set_the_scale_and_name_their_runs():
     config, = train_toy.parse_args(["--quick", "--methods", "mixlora"])
-    assert config.scale_alpha == 8 and train_toy.run_name(config) == "mixlora-E16-r4-s0-steps12-quick"  # as before
+    assert (config.scaling, config.alpha) == (2.0, 8.0)  # α = 2r, this script's default, not mixlora's α = r
+    assert train_toy.run_name(config) == "mixlora-E16-r4-s0-steps12-quick"
     config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--alpha", "32", "--lr", "1e-3"])
+    assert (config.scaling, config.alpha) == (8.0, 32.0)
     assert train_toy.run_name(config) == "mixlora-E16-r4-lr0.001-alpha32-s0-steps12-quick"
-    assert train_toy.run_name(replace(config, rank=8)) == "mixlora-E16-r8-lr0.001-alpha32-s0-steps12-quick"
-    assert train_toy.run_name(replace(config, rank=16)) == "mixlora-E16-r16-lr0.001-s0-steps12-quick"  # α = 32 = 2r
+    assert train_toy.run_name(replace(config, rank=8)) == "mixlora-E16-r8-lr0.001-alpha64-s0-steps12-quick"  # α/r kept
     model = train_toy.adapt(small_model(), config)
     assert {m.scaling for m in model.modules() if isinstance(m, MixLoRALinear)} == {8.0}  # α/r = 2E/r
+    config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--alpha", "8"])
+    assert train_toy.run_name(config) == "mixlora-E16-r4-s0-steps12-quick"  # α = 8 = 2r: the default run
 
 
 def test_router_collapse_is_even_for_uniform_scores_and_one_for_a_saturated_block():
