@@ -524,11 +524,8 @@ def save_adapters(model: nn.Module, directory: str | Path) -> None:
     save_atomically(lambda f: f.write(json.dumps(config, indent=1).encode()), directory / ADAPTER_CONFIG)
 
 
-def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Put the adapters that save_adapters wrote to directory onto model, a base without them (the kind they were
-    saved from): the same add_lora / add_mixlora calls on the same modules, then their tensors. Returns model.
-    A config this code cannot read, or a base they do not fit, is a ValueError that names the problem.
-    """
+def read_adapters(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """The config and the tensors that save_adapters wrote to directory; ValueError where this code cannot read them."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"{path} not found: save_adapters writes it, last, into the directory it saves to")
@@ -548,6 +545,16 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
         tensors = load_file(weights)
     else:
         tensors = torch.load(weights, map_location="cpu", weights_only=True)
+    return config, tensors
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Put the adapters that save_adapters wrote to directory onto model, a base without them (the kind they were
+    saved from): the same add_lora / add_mixlora calls on the same modules, then their tensors. Returns model.
+    A config this code cannot read, or a base they do not fit, is a ValueError that names the problem.
+    """
+    config, tensors = read_adapters(directory)
+    path = Path(directory) / ADAPTER_CONFIG
     modules = dict(model.named_modules())
     for group in config["adapters"]:  # check every group before changing the model
         if group["method"] not in BUILDERS:
