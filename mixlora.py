@@ -274,7 +274,7 @@ class MixLoRALinear(_LowRankAdapter):
         h = torch.bmm(self.dropout(x3), A.transpose(1, 2))  # (N, T, r)
         w = routing.gate_a * routing.gate_b  # (N, r), exactly 1 in value
         delta = torch.bmm(h * w[:, None, :].to(h.dtype), B)  # (N, T, d_out)
-        y = self.base(x)
+        y = self.base(x)  # after the adapter path, as before upcast came: float32 runs stay the same to the bit
         return y + (self.scaling * delta.view(*x.shape[:-1], -1)).to(y.dtype)
 
     def factors(self, routing: Routing) -> tuple[Tensor, Tensor]:

@@ -10,12 +10,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf import qlora_bench  # noqa: E402
 from mixlora import (LoRALinear, MixLoRALinear, add_lora, add_mixlora, load_adapters,  # noqa: E402
                      mark_only_adapters_trainable, routing_mask, save_adapters)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD, EOS = 0, 2
-BASES = ["float32", "bfloat16", "torchao-int8", "bnb-nf4", "bnb-int8"]
+BASES = qlora_bench.BASES  # float32, bfloat16, torchao-int8, bnb-nf4, bnb-int8
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +31,11 @@ def llama_dir(tmp_path_factory):
 
 
 def load_base(path, base: str):
-    """The checkpoint at path, loaded as base says, the way a user would load a 7B one."""
-    kwargs = {}
-    if base == "bfloat16":
-        kwargs["dtype"] = torch.bfloat16
-    elif base == "torchao-int8":
-        quantization = pytest.importorskip("torchao.quantization")
-        kwargs["quantization_config"] = transformers.TorchAoConfig(quantization.Int8WeightOnlyConfig())
-    elif base.startswith("bnb-"):
-        pytest.importorskip("bitsandbytes")
-        kwargs["quantization_config"] = (transformers.BitsAndBytesConfig(load_in_8bit=True) if base == "bnb-int8" else
-                                         transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                         bnb_4bit_compute_dtype=torch.bfloat16))
-    return transformers.LlamaForCausalLM.from_pretrained(path, device_map="cpu", **kwargs).eval()
+    """The checkpoint at path, loaded as base says, the way a user would load a 7B one; skips without its package."""
+    for prefix, package in (("torchao-", "torchao"), ("bnb-", "bitsandbytes")):
+        if base.startswith(prefix):
+            pytest.importorskip(package)
+    return qlora_bench.load_base(path, base).eval()
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,3 +112,16 @@ def test_upcast_off_keeps_the_adapters_in_the_base_compute_dtype(llama_dir, base
     with routing_mask(model, prompt_mask):
         model(input_ids=ids, labels=labels).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_bench_measures_float32_adapters_that_cost_the_same_on_a_4_bit_base(llama_dir):
+    """hf/qlora_bench.py's measurement, in this process on the tiny Llama: nf4 stores the LM's linears in half a byte
+    a weight and a float32 absmax per 64 (lm_head, embeddings and norms stay float32); the adapters cost the same."""
+    pytest.importorskip("bitsandbytes")
+    fp32, nf4 = (qlora_bench.measure(str(llama_dir), base, steps=1, batch_size=2, length=8) for base in ("float32", "bnb-nf4"))
+    assert fp32["adapter_dtypes"] == nf4["adapter_dtypes"] == ["torch.float32"]
+    assert fp32["adapter_bytes"] == nf4["adapter_bytes"] > 0
+    model = qlora_bench.load_base(str(llama_dir), "float32")
+    quantized = sum(m.weight.numel() for m in model.model.modules() if isinstance(m, torch.nn.Linear))  # not lm_head
+    assert nf4["base_bytes"] == fp32["base_bytes"] - 4 * quantized + quantized // 2 + 4 * (quantized // 64)
+    assert fp32["step_s"] > 0 and nf4["peak_rss_mib"] >= nf4["rss_before_mib"] > 0
