@@ -100,7 +100,7 @@ def measure(path: str, base: str, steps: int, batch_size: int, length: int) -> d
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="the tests' tiny Llama (width 64, 2 layers), 2 timed steps")
     p.add_argument("--bases", default=",".join(BASES), help=f"comma-separated, some of {', '.join(BASES)}")
     p.add_argument("--steps", type=cli.at_least(1), default=None, help="timed steps per base (default 5; 2 with --quick)")
