@@ -277,7 +277,8 @@ def generate(args: argparse.Namespace) -> list[dict]:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         # The held-routing rule: the prefill routes on the prompt (not the padding), new tokens reuse it.
         # --bf16 trained under autocast (float32 adapters, bfloat16 matmuls): generation computes as training did.
-        with routing_mask(model, batch["attention_mask"].bool()), torch.autocast(device.type, enabled=config["bf16"]):
+        as_trained = torch.autocast(device.type, torch.bfloat16, enabled=config["bf16"])
+        with routing_mask(model, batch["attention_mask"].bool()), as_trained:
             new = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=collate.pad,
                                  eos_token_id=collate.eos, suppress_tokens=[model.config.image_token_id])
         texts = tok.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
