@@ -6,7 +6,7 @@ add LoRA or MixLoRA at the same rank to every linear layer of the LM, train only
 adapters on the multi-task mixture, with the same steps, data order, lr schedule and seed
 for every method. Then evaluate exact-match accuracy per task by greedy generation, on seen
 and on held-out instruction templates, print a table like the paper's Table 1, and save it
-with the raw numbers under runs/.
+with the raw numbers under runs/; each run's adapters go to checkpoints/NAME/ (save_adapters).
 
     python train_toy.py                                  # base + LoRA r=4 + MixLoRA E=16 r=4
     python train_toy.py --methods mixlora --factors 32 --rank 8 --no-cfs
@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import toy_tasks
 from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
-                     mark_only_adapters_trainable, save_atomically)
+                     mark_only_adapters_trainable, save_adapters, save_atomically)
 from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer, answer_mask
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # every LM linear
@@ -450,6 +450,7 @@ def run(configs: list[Config], rank: int, world: int) -> dict | None:
         seconds = train(model, "instruct", config, Path(config.checkpoints) / f"{name}.ckpt")
         if rank != 0:
             continue  # rank 0 evaluates; the others wait for it in the next training step
+        save_adapters(model, Path(config.checkpoints) / name)  # load_adapters(base, that directory) rebuilds it
         rows.append({"label": label(config), "name": name, "factors": "-" if config.method == "lora" else config.factors,
                      "rank": config.rank, "accuracy": evaluate(model, TOK, sets), "train_seconds": seconds,
                      "adapter_parameters": sum(v.numel() for v in adapter_state_dict(model).values()),

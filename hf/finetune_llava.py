@@ -1,7 +1,7 @@
 """Fine-tune a Hugging Face LLaVA with MixLoRA (or LoRA) through the Trainer, then answer prompts.
 
     python -m hf.finetune_llava --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
-        --out runs/llava-mixlora                         # train: writes adapters.pt and adapters.json there
+        --out runs/llava-mixlora                         # train: writes save_adapters' directory and run.json there
     python -m hf.finetune_llava --generate prompts.json --image-folder images --out runs/llava-mixlora
                                                          # answer: writes runs/llava-mixlora/answers.json
     torchrun --nproc_per_node 2 -m hf.finetune_llava ... # data parallel (DDP through accelerate; gloo on the CPU)
@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainingArguments, set_seed
 
 import cli
-from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
-                     mark_only_adapters_trainable, routing_mask, save_atomically)
+from mixlora import (add_lora, add_mixlora, load_adapters, mark_only_adapters_trainable, routing_mask, save_adapters,
+                     save_atomically)
 
 PROMPT = "USER: {human} ASSISTANT:"  # LLaVA v1's conversation template; the answer follows after a space
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear of the LM
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="training records, LLaVA's conversation JSON")
     p.add_argument("--eval-data", help="records to report the loss on after training (routed on the prompt)")
     p.add_argument("--image-folder", help="root of the records' relative image paths (default: the JSON's folder)")
-    p.add_argument("--out", required=True, help="where adapters.pt, adapters.json and answers.json go")
+    p.add_argument("--out", required=True, help="where the adapters, run.json and answers.json go")
     p.add_argument("--generate", metavar="PROMPTS", help="answer these records with the adapters in --out")
     p.add_argument("--method", default="mixlora", choices=["lora", "mixlora"])
     p.add_argument("--factors", type=cli.at_least(1), default=16, help="E, MixLoRA's factors per pool (>= r)")
@@ -198,7 +198,7 @@ def language_model(model: LlavaForConditionalGeneration) -> torch.nn.Module:
 
 
 def add_adapters(model: LlavaForConditionalGeneration, config: dict) -> None:
-    """LoRA or MixLoRA on the LM's targets, as adapters.json describes them; ValueError names a bad target."""
+    """LoRA or MixLoRA on the LM's targets, as the flags say; ValueError names a bad target."""
     if config["method"] == "lora":
         add_lora(language_model(model), config["targets"], config["rank"], config["alpha"], config["dropout"])
     else:
@@ -225,11 +225,7 @@ def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
         add_adapters(model, config)
     except ValueError as e:  # a target that matches nothing, or something that is not an nn.Linear
         raise InputError(f"argument --targets: {e}") from None
-    mark_only_adapters_trainable(model)
-    if args.bf16:  # AdamW on bfloat16 weights would lose small updates: the adapters stay in float32
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    mark_only_adapters_trainable(model)  # the adapters are float32 on a bfloat16 base too (add_mixlora's upcast)
     # Non-reentrant checkpointing (the reentrant kind would need the frozen embeddings' output to require
     # a gradient); transformers 5 renamed the option activation_checkpointing and made it the default.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -255,8 +251,8 @@ def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
     if trainer.is_world_process_zero():
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        save_atomically(lambda f: torch.save(adapter_state_dict(model), f), out / "adapters.pt")
-        save_json(config, out / "adapters.json")  # written last: its presence means a complete save
+        save_adapters(model, out)  # adapter_config.json and adapter_model.safetensors: what rebuilds them
+        save_json(config, out / "run.json")  # written last: its presence means a complete save
     return model
 
 
@@ -264,16 +260,15 @@ def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
 def generate(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     try:
-        config = json.loads((out / "adapters.json").read_text())
+        config = json.loads((out / "run.json").read_text())
     except OSError:
-        raise InputError(f"{out / 'adapters.json'} not found: train into --out {out} first")
+        raise InputError(f"{out / 'run.json'} not found: train into --out {out} first")
     records = load_records(args.generate, args.image_folder, answers=False)
     device, dtype = torch.device(args.device), torch.bfloat16 if config["bf16"] else torch.float32
     processor = AutoProcessor.from_pretrained(args.model or config["model"])
     model = LlavaForConditionalGeneration.from_pretrained(args.model or config["model"], dtype=dtype)
-    add_adapters(model, config)
-    load_adapter_state_dict(model, torch.load(out / "adapters.pt", map_location="cpu", weights_only=True))
-    model.to(device, dtype).eval()
+    load_adapters(model, out)
+    model.to(device).eval()  # not to dtype: the routers and pools stay float32, as they trained
     collate, tok = Collator(processor, train=False), processor.tokenizer
     answers = []
     for start in tqdm(range(0, len(records), args.batch_size), desc="generate", unit="batch"):
@@ -281,7 +276,9 @@ def generate(args: argparse.Namespace) -> list[dict]:
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         # The held-routing rule: the prefill routes on the prompt (not the padding), new tokens reuse it.
-        with routing_mask(model, batch["attention_mask"].bool()):
+        # --bf16 trained under autocast (float32 adapters, bfloat16 matmuls): generation computes as training did.
+        as_trained = torch.autocast(device.type, torch.bfloat16, enabled=config["bf16"])
+        with routing_mask(model, batch["attention_mask"].bool()), as_trained:
             new = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=collate.pad,
                                  eos_token_id=collate.eos, suppress_tokens=[model.config.image_token_id])
         texts = tok.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

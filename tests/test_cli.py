@@ -15,8 +15,9 @@ ENTRY_POINTS = {
     "experiments/conflict.py": ("experiments.conflict", "main", []),
     "experiments/routers.py": ("experiments.routers", "main", []),
     "hf/finetune_llava.py": ("hf.finetune_llava", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
+    "hf/qlora_bench.py": ("hf.qlora_bench", "main", []),
 }
-NEEDS = {"hf/finetune_llava.py": "transformers"}  # optional dependencies: skip without them
+NEEDS = {"hf/finetune_llava.py": "transformers", "hf/qlora_bench.py": "transformers"}  # optional: skip without them
 BAD = {  # every numeric and device flag of every entry point, with values out of range
     "train_toy.py": [("--rank", "0"), ("--factors", "0"), ("--steps", "0"), ("--base-steps", "-5"),
                      ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
@@ -36,6 +37,7 @@ BAD = {  # every numeric and device flag of every entry point, with values out o
                           ("--dropout", "-0.1"), ("--dropout", "1"), ("--epochs", "0"), ("--steps", "0"),
                           ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--max-new-tokens", "0"),
                           ("--method", "dora"), ("--scores", "softmax2"), ("--device", "tpu")] + NO_CUDA,
+    "hf/qlora_bench.py": [("--steps", "0"), ("--bases", "float32,fp8")],
 }
 CASES = [(entry, flag, value) for entry, flags in BAD.items() for flag, value in flags]
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
 from hf import finetune_llava  # noqa: E402
-from mixlora import MixLoRALinear, routing_mask  # noqa: E402
+from mixlora import MixLoRALinear, adapter_state_dict, read_adapters, routing_mask  # noqa: E402
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = "USER: ASSISTANT: what colour is the shape ? describe it a red green blue yellow square circle".split()
@@ -144,7 +144,8 @@ def run_readme_trainer(folder: Path, monkeypatch, checkpointing: bool) -> dict:
         routers = (layer.router_A, layer.router_B, layer.router_cfs)
         assert all(not torch.equal(t, t0) for t, t0 in zip(routers, init[layer]))
     prompt = lambda batch: (batch["labels"] == -100) & batch["attention_mask"].bool()
-    return dict(seen=seen, adapters=torch.load(folder / "adapters.pt", weights_only=True), metrics=scope["metrics"],
+    assert read_adapters(folder / "adapters")[1].keys() == adapter_state_dict(model).keys()
+    return dict(seen=seen, adapters=adapter_state_dict(model), metrics=scope["metrics"],
                 train_mask=prompt(scope["collator"](data)), eval_mask=prompt(scope["collator"](data[:3])))
 
 
@@ -175,12 +176,14 @@ def test_the_readme_trainer_block_routes_on_the_prompt_and_checkpointing_changes
 def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_path):
     out = tmp_path / "run"
     data = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu"]
-    model = finetune_llava.main(data + ["--out", str(out), "--steps", "30", "--batch-size", "4", "--lr", "1e-2",
+    model = finetune_llava.main(data + ["--out", str(out), "--steps", "40", "--batch-size", "4", "--lr", "1e-2",
                                         "--dropout", "0", "--eval-data", str(llava_dir / "train.json")])
-    config = json.loads((out / "adapters.json").read_text())
-    assert config["method"] == "mixlora" and (config["factors"], config["rank"], config["alpha"]) == (16, 4, 32.0)
-    assert config["steps"] == 30 and config["processes"] == 1 and config["eval_loss"] < 0.1
-    assert torch.load(out / "adapters.pt", weights_only=True).keys() == finetune_llava.adapter_state_dict(model).keys()
+    run, (config, tensors) = json.loads((out / "run.json").read_text()), read_adapters(out)
+    [adapters] = config["adapters"]
+    assert adapters["method"] == "mixlora" and (adapters["num_factors"], adapters["rank"], adapters["alpha"]) == (16, 4, 32.0)
+    assert len(adapters["modules"]) == 2 * 7 and adapters["upcast"] and adapters["conditional"]
+    assert run["steps"] == 40 and run["processes"] == 1 and run["eval_loss"] < 0.1
+    assert tensors.keys() == adapter_state_dict(model).keys()
     # A new process would do this: load the base, rebuild and load the adapters, answer in left-padded
     # batches of 3 (the two questions differ in length), with the KV cache.
     answers = finetune_llava.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
@@ -227,18 +230,26 @@ def test_the_collator_labels_the_answer_and_eos_only_and_pads_prompts_on_the_lef
     assert prompts["attention_mask"][:, -1].all() and not prompts["attention_mask"][:, 0].all()
 
 
-def test_bf16_and_gradient_checkpointing_flags(llava_dir, tmp_path):
+def test_bf16_and_gradient_checkpointing_flags(llava_dir, tmp_path, monkeypatch):
     """The 7B recipe's flags on the CPU: a bfloat16 base, float32 adapters under autocast, recomputed activations."""
     out = tmp_path / "run"
     model = finetune_llava.main(["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"),
-                                 "--device", "cpu", "--out", str(out), "--steps", "30", "--batch-size", "4",
+                                 "--device", "cpu", "--out", str(out), "--steps", "40", "--batch-size", "4",
                                  "--lr", "1e-2", "--dropout", "0", "--bf16", "--gradient-checkpointing"])
     checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # is_gradient_checkpointing before 5
     assert (model.is_activation_checkpointing if checkpointing else model.is_gradient_checkpointing)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    routed_in, routing_mask = [], finetune_llava.routing_mask
+
+    def recording_routing_mask(model, mask):  # generation routes as training did: float32 routers and pools
+        routed_in.extend({t.dtype for t in (m.router_A, m.router_cfs, m.lora_A)} for m in mixlora_layers(model))
+        return routing_mask(model, mask)
+
+    monkeypatch.setattr(finetune_llava, "routing_mask", recording_routing_mask)
     answers = finetune_llava.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
                                    "--max-new-tokens", "5"])
+    assert routed_in and all(dtypes == {torch.float32} for dtypes in routed_in)
     truth = [r["conversations"][1]["value"] for r in json.loads((llava_dir / "train.json").read_text())]
     assert [a["answer"] for a in answers] == truth
 
@@ -279,14 +290,14 @@ def test_bad_input_stops_the_run_in_one_line(case, llava_dir, tmp_path, capsys):
         finetune_llava.main(["--model", str(llava_dir / "model"), "--data", str(tmp_path / "data.json"),
                              "--out", str(tmp_path / "run"), "--device", "cpu"] + flags)
     err = capsys.readouterr().err.splitlines()
-    assert exit_info.value.code == 2 and not (tmp_path / "run" / "adapters.pt").exists()
+    assert exit_info.value.code == 2 and not (tmp_path / "run" / "adapter_config.json").exists()
     assert err[-1].startswith("error: ") and all(s in err[-1] for s in says) and "Traceback" not in "".join(err)
 
 
 def test_generate_before_training_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         finetune_llava.main(["--generate", str(tmp_path / "prompts.json"), "--out", str(tmp_path / "run")])
-    assert exit_info.value.code == 2 and "adapters.json not found: train into --out" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "run.json not found: train into --out" in capsys.readouterr().err
 
 
 # ---- several processes ----------------------------------------------------------------------------
@@ -303,8 +314,8 @@ def test_torchrun_with_two_processes_matches_one_process(llava_dir, tmp_path):
            *flags, "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
-    one, two = (json.loads((tmp_path / d / "adapters.json").read_text()) for d in ("one", "two"))
+    one, two = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
     assert (one["processes"], two["processes"], one["steps"], two["steps"]) == (1, 2, 4, 4)
-    expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("one", "two"))
+    expected, got = (read_adapters(tmp_path / d)[1] for d in ("one", "two"))
     assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import toy_tasks
 import train_toy
 from dataclasses import replace
-from mixlora import MixLoRALinear, add_mixlora, load_adapter_state_dict
+from mixlora import MixLoRALinear, add_mixlora, load_adapters, read_adapters
 from tiny_mllm import TinyMLLM, Tokenizer
 
 TOK = Tokenizer(toy_tasks.vocabulary())
@@ -125,15 +125,15 @@ def test_quick_run_end_to_end(quick_run):
     assert "| MixLoRA | 16 | 4 |" in table and "| LoRA | - | 4 |" in table
     for row in result["rows"][1:]:  # the adapters learned: B moved away from its zero init
         assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in row["adapters"].items())
+        config, saved = read_adapters(tmp / "ckpt" / row["name"])  # and were saved, with what rebuilds them
+        assert [group["method"] for group in config["adapters"]] == [row["label"].lower()]
+        assert saved.keys() == row["adapters"].keys() and all(torch.equal(saved[k], v) for k, v in row["adapters"].items())
     assert not (tmp / "ckpt" / "base-quick-s0-steps12-bs16.ckpt").exists()  # stage 1 done: only the .pt stays
 
 
 def test_cached_generation_equals_uncached_and_teacher_forcing_and_holds_the_prompts_routing(quick_run):
-    _, result = quick_run
-    config, = train_toy.parse_args(["--quick", "--methods", "mixlora"])
-    model = train_toy.adapt(small_model(), config)
-    load_adapter_state_dict(model, result["rows"][2]["adapters"])
-    model.eval()
+    tmp, result = quick_run
+    model = load_adapters(small_model(), tmp / "ckpt" / result["rows"][2]["name"]).eval()
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
     seen = {m: [] for m in layers}  # per layer: (positions, S^A, S^B) of every forward
     for m in layers:
