@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import toy_tasks
 import train_toy
 from dataclasses import replace
+from functools import partial
 from mixlora import MixLoRALinear, add_mixlora, load_adapter_state_dict
 from tiny_mllm import TinyMLLM, Tokenizer
 
@@ -193,6 +194,28 @@ def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatc
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert resumed["rows"][1]["accuracy"] == uninterrupted["rows"][2]["accuracy"]
+
+
+def test_prefetched_batches_are_the_inline_ones_and_train_alike(tmp_path, monkeypatch):
+    draw = partial(train_toy.training_batch, "instruct", 0, 6, 0, 1, list(toy_tasks.TASKS.values()))
+    inline = [draw(step) for step in range(3, 6)]
+    for got, expected in zip(train_toy.prefetch(draw, range(3, 6), workers=2), inline, strict=True):
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    sets = {key: examples[:5] for key, examples in list(train_toy.evaluation_sets(5).items())[:2]}
+    keys = [(task, split, i) for task, split in sets for i in (0, 3)]
+    fetched = list(train_toy.prefetch(partial(train_toy.evaluation_batch, sets, TOK, 3), keys, workers=1))
+    for (task, split, i), got in zip(keys, fetched, strict=True):
+        expected = train_toy.collate(sets[task, split][i:i + 3], TOK, torch.device("cpu"), with_answer=False)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    config = replace(train_toy.quick(train_toy.Config()), steps=3, checkpoints=str(tmp_path))
+    adapters = []
+    for workers in (0, 2):  # drawn in the loop, and by two processes ahead of it: the same adapters
+        monkeypatch.setattr(train_toy, "data_workers", lambda world=1: workers)
+        model = train_toy.adapt(small_model(), config)
+        train_toy.train(model, "instruct", config, tmp_path / f"{workers}.ckpt")
+        adapters.append(train_toy.adapter_state_dict(model))
+    assert any(v.abs().sum() > 0 for k, v in adapters[0].items() if k.endswith("lora_B"))
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
 def test_every_adapter_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search():
