@@ -72,6 +72,7 @@ class Config:
     quick: bool = False  # the smoke-test model
     # Where and how to run, not what: not part of the recipe a checkpoint records.
     device: str = "cpu"
+    compile: bool = False  # torch.compile the training step's model
     eval_size: int = 100  # examples per task and template split
     resume: bool = False  # continue from this run's last checkpoint
     out: str = "runs"
@@ -113,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--eval-size", type=cli.at_least(1), default=Config.eval_size, help="examples per task and template split")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (evaluation stays eager)")
     p.add_argument("--resume", action="store_true", help="continue from this run's last checkpoint")
     p.add_argument("--out", default=Config.out, help="where the table and the JSON go")
     p.add_argument("--checkpoints", default=Config.checkpoints)
@@ -134,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     config = Config(rank=a.rank, factors=a.factors, conditional=not a.no_cfs, router_grad=not a.frozen_routers,
                     scores=a.scores, alpha=a.alpha, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
                     base_steps=a.base_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                    eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
+                    compile=a.compile, eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
     config = quick(config) if a.quick else config
     return [replace(config, method=method) for method in methods]
 
@@ -289,7 +291,15 @@ def load_trainable_state(model: TinyMLLM, stage: str, state: dict[str, torch.Ten
 
 def recipe(config: Config) -> dict:
     """The settings a checkpoint's training depends on: a resume must use the same."""
-    return {k: v for k, v in asdict(config).items() if k not in ("device", "eval_size", "resume", "out", "checkpoints")}
+    return {k: v for k, v in asdict(config).items()
+            if k not in ("device", "compile", "eval_size", "resume", "out", "checkpoints")}
+
+
+def numerics(config: Config) -> str:
+    """What changes a run's numbers besides its recipe: the device's kernels, with bf16 autocast on a GPU
+    (autocast() below), and torch.compile's fused kernels. "cpu-fp32", "cuda-bf16-compiled", ..."""
+    device = torch.device(config.device).type
+    return f"{device}-{'bf16' if device == 'cuda' else 'fp32'}" + ("-compiled" if config.compile else "")
 
 
 def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | None = None) -> float:
@@ -305,6 +315,7 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
     # (pool rows no instance chose get zeros), so no find_unused_parameters. Buffers (frozen
     # routers) never change, so they need no broadcast.
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    forward = torch.compile(ddp) if config.compile else ddp  # one graph: the MixLoRA layers break none
     params = [p for p in model.parameters() if p.requires_grad]
     routers = {id(p) for n, p in model.named_parameters() if ".router_" in n}  # lr × config.router_lr
     groups = [{"params": params, "scale": 1.0}] if config.router_lr == 1.0 else [
@@ -313,18 +324,22 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     start = 0
     if config.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
         if saved["recipe"] != recipe(config):
             raise SystemExit(f"error: {ckpt} was written with other settings {saved['recipe']}; "
                              f"resume with those, or delete it to start over")
         load_trainable_state(model, stage, saved["trainable"])
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"]["cpu"])
-        if device.type == "cuda":
+        if device.type == "cuda" and "cuda" in saved["rng"]:
             torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
         start = saved["step"]
         if rank == 0:
             print(f"[{name}] resumed from {ckpt} at step {start}/{steps}")
+            written = saved.get("numerics", "cuda-bf16" if "cuda" in saved["rng"] else "cpu-fp32")
+            if written != numerics(config):  # the same weights and optimizer state, other kernels
+                print(f"[{name}] note: {ckpt} was written with {written} and resumes with {numerics(config)}: "
+                      f"from here its numbers differ from an uninterrupted run on either")
     model.train()
     # Batches come from workers that draw them ahead of the step (the same batches as drawn here).
     batches = prefetch(partial(training_batch, stage, config.seed, config.batch_size, rank, world, tasks),
@@ -337,7 +352,7 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
         for group in opt.param_groups:
             group["lr"] = group["scale"] * lr_at(step, steps, lr)
         with autocast(device):
-            _, loss = ddp(images, tokens, prompt_lens)  # mean over this process's answer tokens
+            _, loss = forward(images, tokens, prompt_lens)  # mean over this process's answer tokens
         if world > 1:
             # The loss is a mean over the global batch's answer tokens, as on one process: weight
             # this shard's mean by its share of them (x world, since DDP averages gradients).
@@ -358,7 +373,7 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
             if device.type == "cuda":
                 rng_state["cuda"] = torch.cuda.get_rng_state(device)
             state = {"trainable": trainable_state(model, stage), "optimizer": opt.state_dict(),
-                     "step": done, "rng": rng_state, "recipe": recipe(config)}
+                     "step": done, "rng": rng_state, "recipe": recipe(config), "numerics": numerics(config)}
             save_atomically(lambda f: torch.save(state, f), ckpt)
         now = time.time()
         if rank == 0 and (now - last_print > 3 or done in (steps, until)):
@@ -396,7 +411,8 @@ def base_model(config: Config, rank: int = 0) -> tuple[TinyMLLM, Path]:
     model_cfg = model_config(len(TOK), config.quick)
     torch.manual_seed(config.seed)
     model = TinyMLLM(model_cfg).to(config.device)
-    tag = f"base-{'quick' if config.quick else 'full'}-s{config.seed}-steps{config.base_steps}-bs{config.batch_size}"
+    tag = (f"base-{'quick' if config.quick else 'full'}-s{config.seed}-steps{config.base_steps}-bs{config.batch_size}"
+           f"-{numerics(config)}")  # other kernels, other weights
     path = Path(config.checkpoints) / f"{tag}.pt"
     if path.exists():
         saved = torch.load(path, map_location=config.device, weights_only=True)

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_quick_run_end_to_end(quick_run):
     assert "| MixLoRA | 16 | 4 |" in table and "| LoRA | - | 4 |" in table
     for row in result["rows"][1:]:  # the adapters learned: B moved away from its zero init
         assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in row["adapters"].items())
-    assert not (tmp / "ckpt" / "base-quick-s0-steps12-bs16.ckpt").exists()  # stage 1 done: only the .pt stays
+    assert not (tmp / "ckpt" / "base-quick-s0-steps12-bs16-cpu-fp32.ckpt").exists()  # stage 1 done: only the .pt stays
 
 
 def test_cached_generation_equals_uncached_and_teacher_forcing_and_holds_the_prompts_routing(quick_run):
@@ -218,6 +219,47 @@ def test_prefetched_batches_are_the_inline_ones_and_train_alike(tmp_path, monkey
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
+def stage_2_checkpoint_at(step: int, one: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """A --quick MixLoRA run on the CPU stopped at `step`, on the quick run's stage-1 base: its argv and checkpoint."""
+    argv = ["--quick", "--methods", "mixlora", "--device", "cpu", "--out", str(tmp_path / "runs"),
+            "--checkpoints", str(tmp_path / "ckpt")]
+    config, = train_toy.parse_args(argv)
+    (tmp_path / "ckpt").mkdir()
+    for numerics in ("cpu-fp32", "cuda-bf16"):  # the same cached base under both names: only stage 2 moves
+        shutil.copy(one / "ckpt" / "base-quick-s0-steps12-bs16-cpu-fp32.pt",
+                    tmp_path / "ckpt" / f"base-quick-s0-steps12-bs16-{numerics}.pt")
+    base, _ = train_toy.base_model(config)
+    ckpt = tmp_path / "ckpt" / f"{train_toy.run_name(config)}.ckpt"
+    train_toy.train(train_toy.adapt(base, config), "instruct", config, ckpt, until=step)
+    return argv, ckpt
+
+
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_a_note(quick_run, tmp_path, capsys):
+    one, uninterrupted = quick_run
+    argv, ckpt = stage_2_checkpoint_at(6, one, tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["numerics"] == "cpu-fp32"
+    saved["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA run writes it: its GPU's RNG state too
+    saved["numerics"] = "cuda-bf16"
+    torch.save(saved, ckpt)
+    resumed = train_toy.main(argv + ["--resume"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "written with cuda-bf16 and resumes with cpu-fp32" in out
+    expected, got = uninterrupted["rows"][2]["adapters"], resumed["rows"][1]["adapters"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # the weights, optimizer and step came over
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cpu_checkpoint_resumes_on_a_gpu(quick_run, tmp_path, capsys):
+    one, _ = quick_run
+    argv, ckpt = stage_2_checkpoint_at(6, one, tmp_path)
+    argv[argv.index("--device") + 1] = "cuda"
+    train_toy.main(argv + ["--resume"])  # no KeyError for the CUDA RNG state the CPU run never saved
+    out = capsys.readouterr().out
+    assert "at step 6/12" in out and "written with cpu-fp32 and resumes with cuda-bf16" in out
+    assert torch.load(ckpt, weights_only=True)["step"] == 12
+
+
 def test_every_adapter_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search():
     config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--factors", "32", "--rank", "1"])
     model = train_toy.adapt(small_model(), config)
@@ -238,7 +280,7 @@ def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "toy-s0-quick.json").read_text())["processes"] == 2
-    base = "base-quick-s0-steps12-bs16.pt"
+    base = "base-quick-s0-steps12-bs16-cpu-fp32.pt"
     expected, got = (torch.load(d / base, weights_only=True)["model"] for d in (one / "ckpt", tmp_path / "ckpt"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
     for name in ["lora-r4-s0-steps12-quick.ckpt", "mixlora-E16-r4-s0-steps12-quick.ckpt"]:
