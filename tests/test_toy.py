@@ -18,7 +18,7 @@ import train_toy
 from dataclasses import replace
 from functools import partial
 from mixlora import MixLoRALinear, add_mixlora, load_adapter_state_dict
-from tiny_mllm import TinyMLLM, Tokenizer
+from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer
 
 TOK = Tokenizer(toy_tasks.vocabulary())
 
@@ -290,11 +290,23 @@ def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
         torch.testing.assert_close(got["trainable"], expected["trainable"], rtol=1e-3, atol=1e-4)
 
 
+def test_torch_compile_traces_the_toy_model_with_mixlora_in_one_graph():
+    import torch._dynamo
+    torch._dynamo.reset()
+    config = replace(train_toy.quick(train_toy.Config()), method="mixlora")
+    torch.manual_seed(0)  # one block is enough: every block is the same code
+    model = train_toy.adapt(TinyMLLM(TinyMLLMConfig(len(TOK), vision_dim=16, vision_layers=1, d_model=16,
+                                                    n_layers=1, n_heads=2)), config)
+    explanation = torch._dynamo.explain(model)(*train_toy.collate(examples(4), TOK, torch.device("cpu")))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 # ---- experiments/bench.py ----------------------------------------------------------------------------
 
 def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys):
     from experiments import bench
-    rows, generation = bench.main(["--quick"])
+    rows, ops, generation = bench.main(["--quick"])
     out = capsys.readouterr().out
     assert [(new, name) for new, _, name, _ in generation][:2] == [(4, "uncached"), (4, "KV cache")]
     assert len(generation) == 4 and generation[2][0] > 4 and all(ms > 0 for *_, ms in generation)
@@ -304,6 +316,9 @@ def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys)
     assert names[5:] == ["LoRA r=4", "MixLoRA E=16 r=4"]
     assert all(ms > 0 and mib >= 0 for _, _, ms, mib in rows)
     assert "| shape (N, T, d) | variant | ms |" in out and "MixLoRA/LoRA" in out and "per-instance ΔW/MixLoRA" in out
+    lora, mix = ops["eager"].values()  # aten ops per phase of a step: MixLoRA's routing adds to each
+    assert all(0 < lora[phase] < mix[phase] for phase in ("forward", "backward", "AdamW"))
+    assert f"| eager | step | {sum(lora.values()):,} | {sum(mix.values()):,} |" in out
     torch.manual_seed(0)  # the authors' formulation, as benchmarked, is the same function as ours
     layer = MixLoRALinear(torch.nn.Linear(12, 10, dtype=torch.float64), 8, 3)
     torch.nn.init.normal_(layer.lora_B)
