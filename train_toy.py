@@ -185,10 +185,13 @@ def evaluation_batch(sets: dict, tok: Tokenizer, batch_size: int, key: tuple[str
     return collate(sets[task, split][i:i + batch_size], tok, torch.device("cpu"), with_answer=False)
 
 
-def data_workers(world: int = 1) -> int:
-    """Processes that draw batches ahead of each of `world` training processes: the spare cores, at most 8
-    (0: draw them inline). Drawing 64 examples with pillow takes ~35 ms, a GPU's toy step a few."""
-    return min(8, max(0, (os.cpu_count() or 1) // world - 1))
+def data_workers(device: torch.device, world: int = 1) -> int:
+    """Processes that draw batches ahead of each of `world` training processes on device: the cores it leaves
+    spare, at most 8 (0: draw them inline). A GPU's process keeps one core busy; a CPU's its torch threads,
+    whose kernels slow down when another process takes their cores. Drawing 64 examples with pillow takes
+    ~35 ms, a GPU's toy step a few."""
+    busy = torch.get_num_threads() if device.type == "cpu" else 1
+    return min(8, max(0, (os.cpu_count() or 1) // world - busy))
 
 
 class _Calls(torch.utils.data.Dataset):
@@ -341,9 +344,10 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
                 print(f"[{name}] note: {ckpt} was written with {written} and resumes with {numerics(config)}: "
                       f"from here its numbers differ from an uninterrupted run on either")
     model.train()
-    # Batches come from workers that draw them ahead of the step (the same batches as drawn here).
+    # Batches drawn ahead of the step by worker processes where the device leaves cores spare: the
+    # same batches as drawn inline.
     batches = prefetch(partial(training_batch, stage, config.seed, config.batch_size, rank, world, tasks),
-                       range(start, until or steps), data_workers(world), pin_memory=device.type == "cuda")
+                       range(start, until or steps), data_workers(device, world), pin_memory=device.type == "cuda")
     t0, last_print, tokens_seen, waited = time.time(), 0.0, 0, 0.0
     for step in range(start, until or steps):
         wait = time.time()
@@ -390,7 +394,7 @@ def evaluate(model: TinyMLLM, tok: Tokenizer, sets: dict, batch_size: int = 256)
     device = next(model.parameters()).device
     model.eval()
     keys = [(task, split, i) for (task, split), examples in sets.items() for i in range(0, len(examples), batch_size)]
-    batches = prefetch(partial(evaluation_batch, sets, tok, batch_size), keys, data_workers(), device.type == "cuda")
+    batches = prefetch(partial(evaluation_batch, sets, tok, batch_size), keys, data_workers(device), device.type == "cuda")
     correct = dict.fromkeys(sets, 0)
     for task, split, i in keys:
         images, prompts, prompt_lens = (t.to(device, non_blocking=True) for t in next(batches))

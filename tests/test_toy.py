@@ -211,7 +211,7 @@ def test_prefetched_batches_are_the_inline_ones_and_train_alike(tmp_path, monkey
     config = replace(train_toy.quick(train_toy.Config()), steps=3, checkpoints=str(tmp_path))
     adapters = []
     for workers in (0, 2):  # drawn in the loop, and by two processes ahead of it: the same adapters
-        monkeypatch.setattr(train_toy, "data_workers", lambda world=1: workers)
+        monkeypatch.setattr(train_toy, "data_workers", lambda device, world=1: workers)
         model = train_toy.adapt(small_model(), config)
         train_toy.train(model, "instruct", config, tmp_path / f"{workers}.ckpt")
         adapters.append(train_toy.adapter_state_dict(model))
