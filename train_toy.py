@@ -73,6 +73,7 @@ class Config:
     # Where and how to run, not what: not part of the recipe a checkpoint records.
     device: str = "cpu"
     compile: bool = False  # torch.compile the training step's model
+    data_workers: int | None = None  # processes drawing batches ahead of the step; None: data_workers()
     eval_size: int = 100  # examples per task and template split
     resume: bool = False  # continue from this run's last checkpoint
     out: str = "runs"
@@ -115,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     p.add_argument("--eval-size", type=cli.at_least(1), default=Config.eval_size, help="examples per task and template split")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke run")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (evaluation stays eager)")
+    p.add_argument("--data-workers", type=cli.at_least(0), default=None,
+                   help="processes that draw batches ahead of the step (default: the cores training leaves spare; 0: inline)")
     p.add_argument("--resume", action="store_true", help="continue from this run's last checkpoint")
     p.add_argument("--out", default=Config.out, help="where the table and the JSON go")
     p.add_argument("--checkpoints", default=Config.checkpoints)
@@ -136,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     config = Config(rank=a.rank, factors=a.factors, conditional=not a.no_cfs, router_grad=not a.frozen_routers,
                     scores=a.scores, alpha=a.alpha, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
                     base_steps=a.base_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                    compile=a.compile, eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
+                    compile=a.compile, data_workers=a.data_workers, eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
     config = quick(config) if a.quick else config
     return [replace(config, method=method) for method in methods]
 
@@ -295,7 +298,7 @@ def load_trainable_state(model: TinyMLLM, stage: str, state: dict[str, torch.Ten
 def recipe(config: Config) -> dict:
     """The settings a checkpoint's training depends on: a resume must use the same."""
     return {k: v for k, v in asdict(config).items()
-            if k not in ("device", "compile", "eval_size", "resume", "out", "checkpoints")}
+            if k not in ("device", "compile", "data_workers", "eval_size", "resume", "out", "checkpoints")}
 
 
 def numerics(config: Config) -> str:
@@ -346,8 +349,9 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
     model.train()
     # Batches drawn ahead of the step by worker processes where the device leaves cores spare: the
     # same batches as drawn inline.
+    workers = data_workers(device, world) if config.data_workers is None else config.data_workers
     batches = prefetch(partial(training_batch, stage, config.seed, config.batch_size, rank, world, tasks),
-                       range(start, until or steps), data_workers(device, world), pin_memory=device.type == "cuda")
+                       range(start, until or steps), workers, pin_memory=device.type == "cuda")
     t0, last_print, tokens_seen, waited = time.time(), 0.0, 0, 0.0
     for step in range(start, until or steps):
         wait = time.time()

@@ -11,7 +11,8 @@ cache vs re-reading the whole sequence at every step. Prints median times, memor
     python -m experiments.bench --device cuda --dtype bf16   # GPU: CUDA events, bf16 autocast
     python -m experiments.bench --quick                      # a seconds-long smoke run
     python -m experiments.bench --only generation            # just the generation table
-    python -m experiments.bench --only training --compile    # the tiny model's step compiled too (minutes)
+    python -m experiments.bench --only tiny --compile        # the tiny model's step, eager and compiled (minutes)
+    python -m experiments.bench --only data                  # the share of a step spent waiting for data
 
 Memory: on a GPU, the peak allocated during the step; on the CPU (no allocator statistics),
 the bytes of the tensors autograd saves for backward, each storage counted once (not measured for
@@ -19,11 +20,12 @@ compiled steps). Operators: the aten ops torch.profiler records in one training 
 model (nested ones included), by phase: on a GPU a model of width 128 is bound by their launches.
 """
 
-import collections
 import math
 import statistics
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -181,6 +183,18 @@ def op_counts(device: torch.device, dtype: str, quick: bool, compiled: bool = Fa
     return counts
 
 
+def data_wait(device: torch.device, steps: int = 30) -> None:
+    """train_toy's stage-2 loop (MixLoRA, from a random base) for `steps` steps, its batches drawn inline
+    (as before the loader) and by the workers it starts by default (at least one): the log's last line
+    says which share of the time the loop spent waiting for data."""
+    for workers in (0, max(1, train_toy.data_workers(device))):
+        config = replace(Config(), steps=steps, data_workers=workers, device=str(device), checkpoints=tempfile.mkdtemp())
+        torch.manual_seed(0)
+        model = train_toy.adapt(TinyMLLM(train_toy.model_config(len(TOK), False)).to(device), config)
+        print(f"\n{workers} data worker(s), {torch.get_num_threads()} torch thread(s):")
+        train_toy.train(model, "instruct", config, Path(config.checkpoints) / "data-wait.ckpt")
+
+
 def generation_rows(device: torch.device, dtype: str, repeats: int, quick: bool) -> list[tuple]:
     """Greedy generation of the toy model with MixLoRA: KV cache vs re-reading the sequence each step."""
     torch.manual_seed(0)
@@ -208,8 +222,9 @@ def main(argv: list[str] | None = None) -> tuple[list[tuple], dict, list[tuple]]
     p.add_argument("--rank", type=cli.at_least(1), default=8, help="r")
     p.add_argument("--repeats", type=cli.at_least(1), default=20)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
-    p.add_argument("--only", choices=["training", "tiny", "generation"],
-                   help="training: layers and the tiny model's step; tiny: its step alone (default: all)")
+    p.add_argument("--only", choices=["training", "tiny", "generation", "data"],
+                   help="training: layers and the tiny model's step; tiny: its step alone; "
+                        "data: time waiting for data (default: all but data)")
     p.add_argument("--compile", action="store_true", help="the tiny model's step through torch.compile too")
     args = p.parse_args(argv)
     if args.factors < args.rank:
@@ -230,6 +245,8 @@ def main(argv: list[str] | None = None) -> tuple[list[tuple], dict, list[tuple]]
     if args.only in (None, "generation"):
         generation = generation_rows(device, args.dtype, repeats, args.quick)
         print_generation(generation, device, args.dtype, repeats)
+    if args.only == "data":
+        data_wait(device, steps=4 if args.quick else 30)
     return rows, ops, generation
 
 

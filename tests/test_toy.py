@@ -197,7 +197,7 @@ def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatc
     assert resumed["rows"][1]["accuracy"] == uninterrupted["rows"][2]["accuracy"]
 
 
-def test_prefetched_batches_are_the_inline_ones_and_train_alike(tmp_path, monkeypatch):
+def test_prefetched_batches_are_the_inline_ones_and_train_alike(tmp_path):
     draw = partial(train_toy.training_batch, "instruct", 0, 6, 0, 1, list(toy_tasks.TASKS.values()))
     inline = [draw(step) for step in range(3, 6)]
     for got, expected in zip(train_toy.prefetch(draw, range(3, 6), workers=2), inline, strict=True):
@@ -208,10 +208,9 @@ def test_prefetched_batches_are_the_inline_ones_and_train_alike(tmp_path, monkey
     for (task, split, i), got in zip(keys, fetched, strict=True):
         expected = train_toy.collate(sets[task, split][i:i + 3], TOK, torch.device("cpu"), with_answer=False)
         assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
-    config = replace(train_toy.quick(train_toy.Config()), steps=3, checkpoints=str(tmp_path))
     adapters = []
     for workers in (0, 2):  # drawn in the loop, and by two processes ahead of it: the same adapters
-        monkeypatch.setattr(train_toy, "data_workers", lambda device, world=1: workers)
+        config = replace(train_toy.quick(train_toy.Config()), steps=3, data_workers=workers)
         model = train_toy.adapt(small_model(), config)
         train_toy.train(model, "instruct", config, tmp_path / f"{workers}.ckpt")
         adapters.append(train_toy.adapter_state_dict(model))
