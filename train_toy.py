@@ -12,6 +12,7 @@ with the raw numbers under runs/.
     python train_toy.py --methods mixlora --factors 32 --rank 8 --no-cfs
     python train_toy.py --methods mixlora --scores sigmoid   # per-factor sigmoid router scores
     python train_toy.py --quick                          # a smoke run of a few seconds
+    python train_toy.py --device cuda --compile          # a GPU: bf16 autocast, the training step compiled
     torchrun --nproc_per_node=4 train_toy.py             # the same run on 4 GPUs (or CPU processes)
 
 Under torchrun every process trains a DistributedDataParallel copy on its own shard of each
@@ -139,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     config = Config(rank=a.rank, factors=a.factors, conditional=not a.no_cfs, router_grad=not a.frozen_routers,
                     scores=a.scores, alpha=a.alpha, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
                     base_steps=a.base_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                    compile=a.compile, data_workers=a.data_workers, eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
+                    compile=a.compile, data_workers=a.data_workers, eval_size=a.eval_size, resume=a.resume,
+                    out=a.out, checkpoints=a.checkpoints)
     config = quick(config) if a.quick else config
     return [replace(config, method=method) for method in methods]
 
