@@ -159,12 +159,11 @@ def tiny_model_steps(device: torch.device, dtype: str, quick: bool, compiled: bo
 def tiny_model_rows(device: torch.device, dtype: str, repeats: int, quick: bool, compile: bool) -> list[tuple]:
     """A whole stage-2 training step of the toy model (forward, backward, AdamW), eager (and compiled)."""
     batch_size = (train_toy.quick(Config()) if quick else Config()).batch_size
-    fns, params, compiled = {}, [], []
+    fns, params = {}, []
     for suffix in ("", ", compiled") if compile else ("",):
         for name, (*phases, model_params) in tiny_model_steps(device, dtype, quick, compiled=bool(suffix)).items():
             fns[f"tiny model, batch {batch_size}{suffix}", name] = lambda phases=phases: [f() for f in phases]
             params += model_params
-            compiled += [name] if suffix else []
     results = measure(fns, device, repeats, params, no_memory=[key for key in fns if key[0].endswith("compiled")])
     return [(shape, name, *results[shape, name]) for shape, name in fns]
 
