@@ -221,7 +221,7 @@ class MixLoRALinear(_LowRankAdapter):
         Routing runs in float32 at least (float64 stays float64), also under autocast, and sees
         x before dropout. mask (N, T) bool, True at prompt positions, selects what x̄ averages.
         """
-        x, mask = _instances(x, mask, self.in_features)  # (N, T, d_in), (N, T) or None
+        x, mask = _instances(x, mask, self.in_features, checked=mask is self.mask)  # (N, T, d_in), (N, T) or None
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             # Routing reads x and the a-pool, and trains the routers only (§3.4): detached, so that
@@ -236,13 +236,13 @@ class MixLoRALinear(_LowRankAdapter):
                 m = m / m.sum(1, keepdim=True).clamp(min=1)
                 x_bar = torch.bmm(m[:, None, :], x).squeeze(1)  # (N, d_in)
             score = SCORES[self.scores]  # softmax over the E factors (the paper), or σ per factor
-            # IFS: p^A = softmax(R^A x̄), S^A = top-r, in canonical (ascending) order.
-            p_a = score(x_bar @ self.router_A.to(dtype).T)  # (N, E)
-            index_a = self.top_r(p_a)  # (N, r)
+            # IFS: p^A = softmax(R^A x̄) and p^B's first term softmax(R^B x̄), in one matmul and one score.
+            routers = torch.cat([self.router_A, self.router_B]).to(dtype)  # (2E, d_in)
+            p_a, p_b = score((x_bar @ routers.T).view(-1, 2, self.num_factors)).unbind(1)  # (N, E) each
+            index_a = self.top_r(p_a)  # (N, r): S^A, in canonical (ascending) order
             # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
-            p_b = score(x_bar @ self.router_B.to(dtype).T)  # (N, E)
             if self.conditional:
-                p_b = p_b + self.cfs_weight * score(self.cfs_logits(index_a, dtype))
+                p_b = torch.add(p_b, score(self.cfs_logits(index_a, dtype)), alpha=self.cfs_weight)
             index_b = self.top_r(p_b)  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
             p_a, p_b = p_a.detach(), p_b.detach()
@@ -250,7 +250,8 @@ class MixLoRALinear(_LowRankAdapter):
 
     def top_r(self, p: Tensor) -> Tensor:
         """S = the r factors of largest score p (N, E), sorted ascending: the canonical order."""
-        return p.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
+        index = p.topk(self.rank, dim=-1, sorted=False).indices  # (N, r), in no particular order
+        return index.topk(self.rank, dim=-1, largest=False).values  # ascending: one op, where sort() is eight
 
     def cfs_logits(self, index_a: Tensor, dtype: torch.dtype) -> Tensor:
         """CFS: c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}> for every instance's S^A (N, r) -> c (N, E).
@@ -324,8 +325,9 @@ class MixLoRALinear(_LowRankAdapter):
         return self.scaling * delta
 
 
-def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor, Tensor | None]:
-    """Check x and mask; return x as (N, T, d_in) and mask as (N, T) bool or None."""
+def _instances(x: Tensor, mask: Tensor | None, in_features: int, checked: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Check x and mask; return x as (N, T, d_in) and mask as (N, T) bool or None. checked: the mask is
+    routing_mask's, which has checked that every instance has a prompt position, once for all layers."""
     if x.dim() not in (2, 3) or x.shape[-1] != in_features:
         raise ValueError(f"expected x of shape (N, T, {in_features}) or (N, {in_features}), "
                          f"got {tuple(x.shape)}")
@@ -341,12 +343,18 @@ def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor
                          f"positions; got {mask.dtype} of shape {tuple(mask.shape)}{hint}")
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
-    # Checked where it is free: on the CPU, outside torch.compile (on a GPU it would sync).
+    if not checked:
+        _check_prompts(mask)
+    return x, mask
+
+
+def _check_prompts(mask: Tensor) -> None:
+    """Every instance of mask (N, T) needs a prompt position to route on. Checked where it is free: on
+    the CPU, outside torch.compile (on a GPU it would sync)."""
     if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not mask.any(1).all():
         empty = (~mask.any(1)).nonzero().flatten().tolist()
         raise ValueError(f"mask has no True position in instance(s) {empty}: every instance needs "
                          f"at least one prompt position to route on")
-    return x, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +435,7 @@ def routing_mask(model: nn.Module, mask: Tensor) -> Iterator[None]:
     """
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be a bool tensor of shape (N, T), got {mask.dtype} {tuple(mask.shape)}")
+    _check_prompts(mask)  # here, once, rather than in every layer's route()
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
     outer = [(layer.mask, layer.held) for layer in layers]  # None, None outside every context
     for layer in layers:

@@ -494,6 +494,8 @@ def test_bad_inputs_raise_with_what_is_expected():
     empty[1] = False
     with pytest.raises(ValueError, match=r"instance\(s\) \[1\]"):
         layer(x, empty)
+    with pytest.raises(ValueError, match=r"instance\(s\) \[1\]"):  # routing_mask checks it, once for all layers
+        routing_mask(layer, empty).__enter__()
     with pytest.raises(ValueError, match=r"\(\.\.\., 5\)"):
         LoRALinear(nn.Linear(5, 2), 2)(torch.randn(3, 4))
 

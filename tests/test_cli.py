@@ -23,7 +23,7 @@ BAD = {  # every numeric and device flag of every entry point, with values out o
                      ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
                      ("--alpha", "0"), ("--seed", "-1"), ("--eval-size", "0"), ("--steps", "ten"),
                      ("--device", "tpu"), ("--methods", "dora"), ("--tasks", "colour,juggling"),
-                     ("--scores", "softmax2")] + NO_CUDA,
+                     ("--scores", "softmax2"), ("--data-workers", "-1")] + NO_CUDA,
     "experiments/analysis.py": [("--seeds", "0,-1"), ("--seeds", "0,x"), ("--tune-seeds", "-2"), ("--interference-lr", "0"),
                     ("--steps", "0"), ("--eval-size", "-1"), ("--device", "tpu")] + NO_CUDA,
     "experiments/mechanism.py": [("--seeds", "-1"), ("--seeds", "one")],
