@@ -1,10 +1,10 @@
 """Fine-tune a Hugging Face LLaVA with MixLoRA (or LoRA) through the Trainer, then answer prompts.
 
-    python -m hf.finetune_llava --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
+    python -m hf.finetune_vlm --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
         --out runs/llava-mixlora                         # train: writes adapters.pt and adapters.json there
-    python -m hf.finetune_llava --generate prompts.json --image-folder images --out runs/llava-mixlora
+    python -m hf.finetune_vlm --generate prompts.json --image-folder images --out runs/llava-mixlora
                                                          # answer: writes runs/llava-mixlora/answers.json
-    torchrun --nproc_per_node 2 -m hf.finetune_llava ... # data parallel (DDP through accelerate; gloo on the CPU)
+    torchrun --nproc_per_node 2 -m hf.finetune_vlm ... # data parallel (DDP through accelerate; gloo on the CPU)
 
 --model is a local checkpoint directory (a LlavaForConditionalGeneration and its processor) or, with
 a network, a hub id. --data is LLaVA's conversation JSON, one single-turn record per image:

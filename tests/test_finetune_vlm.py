@@ -1,4 +1,4 @@
-"""The Trainer path and hf/finetune_llava.py, end to end on a tiny random LLaVA saved to disk.
+"""The Trainer path and hf/finetune_vlm.py, end to end on a tiny random LLaVA saved to disk.
 
 Nothing is downloaded: a word-level tokenizer (the `tokenizers` library), a CLIP image processor
 and a LlavaForConditionalGeneration built from configs are saved with save_pretrained, the
@@ -21,7 +21,7 @@ pytest.importorskip("accelerate")
 from PIL import Image, ImageDraw  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
-from hf import finetune_llava  # noqa: E402
+from hf import finetune_vlm  # noqa: E402
 from mixlora import MixLoRALinear, routing_mask  # noqa: E402
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -107,7 +107,7 @@ def readme_trainer_block() -> str:
 
 
 def test_the_readme_trainer_class_is_the_scripts():
-    assert inspect.getsource(finetune_llava.MixLoRATrainer) in readme_trainer_block()
+    assert inspect.getsource(finetune_vlm.MixLoRATrainer) in readme_trainer_block()
 
 
 def run_readme_trainer(folder: Path, monkeypatch, checkpointing: bool) -> dict:
@@ -122,7 +122,7 @@ def run_readme_trainer(folder: Path, monkeypatch, checkpointing: bool) -> dict:
     model = tiny_llava(processor).double()
     data = [dict(r, image=str(folder / r["image"])) for r in records(folder, n=4)]
     scope = dict(model=model, train_dataset=data, eval_dataset=data[:3],
-                 collator=finetune_llava.Collator(processor, train=True))
+                 collator=finetune_vlm.Collator(processor, train=True))
     frozen = [(p, p.detach().clone()) for p in model.parameters()]  # the base model, before the adapters
     seen, init = [], {}
 
@@ -170,20 +170,20 @@ def test_the_readme_trainer_block_routes_on_the_prompt_and_checkpointing_changes
     torch.testing.assert_close(run["adapters"], plain["adapters"], rtol=1e-12, atol=1e-12)
 
 
-# ---- finetune_llava.py, end to end -----------------------------------------------------------------
+# ---- finetune_vlm.py, end to end -----------------------------------------------------------------
 
 def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_path):
     out = tmp_path / "run"
     data = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu"]
-    model = finetune_llava.main(data + ["--out", str(out), "--steps", "30", "--batch-size", "4", "--lr", "1e-2",
+    model = finetune_vlm.main(data + ["--out", str(out), "--steps", "30", "--batch-size", "4", "--lr", "1e-2",
                                         "--dropout", "0", "--eval-data", str(llava_dir / "train.json")])
     config = json.loads((out / "adapters.json").read_text())
     assert config["method"] == "mixlora" and (config["factors"], config["rank"], config["alpha"]) == (16, 4, 32.0)
     assert config["steps"] == 30 and config["processes"] == 1 and config["eval_loss"] < 0.1
-    assert torch.load(out / "adapters.pt", weights_only=True).keys() == finetune_llava.adapter_state_dict(model).keys()
+    assert torch.load(out / "adapters.pt", weights_only=True).keys() == finetune_vlm.adapter_state_dict(model).keys()
     # A new process would do this: load the base, rebuild and load the adapters, answer in left-padded
     # batches of 3 (the two questions differ in length), with the KV cache.
-    answers = finetune_llava.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
+    answers = finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
                                    "--batch-size", "3", "--max-new-tokens", "5"])
     assert json.loads((out / "answers.json").read_text()) == answers
     truth = [r["conversations"][1]["value"] for r in json.loads((llava_dir / "train.json").read_text())]
@@ -191,8 +191,8 @@ def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_pa
     assert [a["answer"] for a in answers] == truth  # it learned them: the answers depend on the image
     # The same as the trained model in memory, one prompt at a time, without padding or KV cache.
     processor = transformers.AutoProcessor.from_pretrained(llava_dir / "model")
-    collate, model = finetune_llava.Collator(processor, train=False), model.eval()
-    records = finetune_llava.load_records(str(llava_dir / "train.json"), None, answers=False)
+    collate, model = finetune_vlm.Collator(processor, train=False), model.eval()
+    records = finetune_vlm.load_records(str(llava_dir / "train.json"), None, answers=False)
     for record, answer in zip(records, answers):
         batch = collate([record])
         with routing_mask(model, batch["attention_mask"].bool()), torch.no_grad():
@@ -210,9 +210,9 @@ def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_pa
 
 def test_the_collator_labels_the_answer_and_eos_only_and_pads_prompts_on_the_left(llava_dir):
     processor = transformers.AutoProcessor.from_pretrained(llava_dir / "model")
-    records = finetune_llava.load_records(str(llava_dir / "train.json"), None, answers=True)[:2]
-    train = finetune_llava.Collator(processor, train=True)(records)
-    prompts = finetune_llava.Collator(processor, train=False)(records)
+    records = finetune_vlm.load_records(str(llava_dir / "train.json"), None, answers=True)[:2]
+    train = finetune_vlm.Collator(processor, train=True)(records)
+    prompts = finetune_vlm.Collator(processor, train=False)(records)
     tok, image = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
     for n, record in enumerate(records):
         answer = train["labels"][n] != -100
@@ -230,14 +230,14 @@ def test_the_collator_labels_the_answer_and_eos_only_and_pads_prompts_on_the_lef
 def test_bf16_and_gradient_checkpointing_flags(llava_dir, tmp_path):
     """The 7B recipe's flags on the CPU: a bfloat16 base, float32 adapters under autocast, recomputed activations."""
     out = tmp_path / "run"
-    model = finetune_llava.main(["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"),
+    model = finetune_vlm.main(["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"),
                                  "--device", "cpu", "--out", str(out), "--steps", "30", "--batch-size", "4",
                                  "--lr", "1e-2", "--dropout", "0", "--bf16", "--gradient-checkpointing"])
     checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # is_gradient_checkpointing before 5
     assert (model.is_activation_checkpointing if checkpointing else model.is_gradient_checkpointing)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
-    answers = finetune_llava.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
+    answers = finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
                                    "--max-new-tokens", "5"])
     truth = [r["conversations"][1]["value"] for r in json.loads((llava_dir / "train.json").read_text())]
     assert [a["answer"] for a in answers] == truth
@@ -276,7 +276,7 @@ def test_bad_input_stops_the_run_in_one_line(case, llava_dir, tmp_path, capsys):
     (tmp_path / "data.json").write_text(json.dumps(data))
     Image.new("RGB", (16, 16)).save(tmp_path / "0.png")
     with pytest.raises(SystemExit) as exit_info:
-        finetune_llava.main(["--model", str(llava_dir / "model"), "--data", str(tmp_path / "data.json"),
+        finetune_vlm.main(["--model", str(llava_dir / "model"), "--data", str(tmp_path / "data.json"),
                              "--out", str(tmp_path / "run"), "--device", "cpu"] + flags)
     err = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and not (tmp_path / "run" / "adapters.pt").exists()
@@ -285,7 +285,7 @@ def test_bad_input_stops_the_run_in_one_line(case, llava_dir, tmp_path, capsys):
 
 def test_generate_before_training_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        finetune_llava.main(["--generate", str(tmp_path / "prompts.json"), "--out", str(tmp_path / "run")])
+        finetune_vlm.main(["--generate", str(tmp_path / "prompts.json"), "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2 and "adapters.json not found: train into --out" in capsys.readouterr().err
 
 
@@ -298,8 +298,8 @@ def test_torchrun_with_two_processes_matches_one_process(llava_dir, tmp_path):
     """
     flags = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu",
              "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--dropout", "0"]
-    finetune_llava.main(flags + ["--out", str(tmp_path / "one")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hf.finetune_llava",
+    finetune_vlm.main(flags + ["--out", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hf.finetune_vlm",
            *flags, "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
