@@ -1,9 +1,10 @@
-"""The Trainer path and hf/finetune_vlm.py, end to end on a tiny random LLaVA saved to disk.
+"""The Trainer path and hf/finetune_vlm.py, end to end on tiny random VLMs saved to disk.
 
-Nothing is downloaded: a word-level tokenizer (the `tokenizers` library), a CLIP image processor
-and a LlavaForConditionalGeneration built from configs are saved with save_pretrained, the
-images are drawn with pillow, and the script loads them as it would load llava-1.5-7b-hf.
-`transformers` and `accelerate` (hf/requirements.txt) are optional: without them this skips.
+Nothing is downloaded: word-level tokenizers (the `tokenizers` library), image processors of each
+family with small sizes, chat templates written here, and models built from configs (LLaVA,
+Qwen2-VL, LLaVA-NeXT) are saved with save_pretrained, the images are drawn with pillow, and the
+script loads them as it would load a hub checkpoint. `transformers` and `accelerate`
+(hf/requirements.txt) are optional: without them this skips.
 """
 
 import inspect
@@ -25,39 +26,92 @@ from hf import finetune_vlm  # noqa: E402
 from mixlora import MixLoRALinear, routing_mask  # noqa: E402
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-WORDS = "USER: ASSISTANT: what colour is the shape ? describe it a red green blue yellow square circle".split()
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+WORDS = ("USER: ASSISTANT: [INST] [/INST] user assistant what colour is the shape ? describe it a red green blue "
+         "yellow square circle").split()
 COLOURS, SHAPES = ["red", "green", "blue", "yellow"], ["square", "circle"]
+# Chat templates written here, in the form of the families' own (Qwen2-VL-Instruct's without its
+# default system turn; llava-v1.6-mistral's). LLaVA gets none: the script's LLaVA v1 template.
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST] {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %} [/INST]"
+    "{% else %} {{ message['content'][0]['text'] }}{{ eos_token }}{% endif %}{% endfor %}")
+# initializer_range 0.5 rather than 0.02: logits large enough for a few adapter steps to learn answers
+LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=64, initializer_range=0.5)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+            patch_size=8)
+PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # LLaVA-NeXT's "any resolution" grids, in 16 x 16 tiles
 
 
-def tiny_processor() -> "transformers.LlavaProcessor":
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+def word_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, **kwargs):
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>",
-                                                extra_special_tokens={"image_token": "<image>"})
-    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                                **kwargs)
+
+
+def llava_tokenizer():
+    return word_tokenizer(SPECIALS, "<s>", "</s>", "<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def tiny_processor(family: str = "llava"):
+    if family == "qwen2_vl":
+        tok = word_tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>",
+                             additional_special_tokens=QWEN_SPECIALS[1:])
+        images = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 512}, patch_size=4,
+                                                       merge_size=2, temporal_patch_size=2)
+        return transformers.Qwen2VLProcessor(image_processor=images, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    if family == "llava_next":
+        images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                                         image_grid_pinpoints=PINPOINTS)
+        return transformers.LlavaNextProcessor(image_processor=images, tokenizer=llava_tokenizer(), patch_size=8,
+                                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                               chat_template=NEXT_TEMPLATE)
     # 16 x 16 images in 8 x 8 patches: 4 patch tokens (+ CLS, which the "default" strategy drops)
-    return transformers.LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=llava_tokenizer(), patch_size=8,
                                        vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def tiny_llava(processor, seed: int = 0) -> "transformers.LlavaForConditionalGeneration":
+def tiny_vlm(processor, family: str = "llava", seed: int = 0):
     torch.manual_seed(seed)
     tok = processor.tokenizer
-    config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                    num_attention_heads=4, image_size=16, patch_size=8),
-        # initializer_range 0.5 rather than 0.02: logits large enough for a few adapter steps to learn answers
-        text_config=transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                             max_position_embeddings=64, initializer_range=0.5,
-                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                             pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=4, vision_feature_layer=-1,
-        vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
-    return transformers.LlavaForConditionalGeneration(config).eval()
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    image = tok.convert_tokens_to_ids("<|image_pad|>" if family == "qwen2_vl" else "<image>")
+    if family == "qwen2_vl":
+        # head_dim 8: rotary over 4 frequencies, split 2 / 1 / 1 over time, height and width (M-RoPE)
+        text = dict(LM, **ids, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+        vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, in_channels=3, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=image,
+                                            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                                            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+                                            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), **ids)
+        model = transformers.Qwen2VLForConditionalGeneration(config)
+    else:
+        cls, extra = ((transformers.LlavaNextForConditionalGeneration, dict(image_grid_pinpoints=PINPOINTS))
+                      if family == "llava_next" else (transformers.LlavaForConditionalGeneration, dict(image_seq_length=4)))
+        config = (transformers.LlavaNextConfig if family == "llava_next" else transformers.LlavaConfig)(
+            vision_config=transformers.CLIPVisionConfig(**CLIP), text_config=transformers.LlamaConfig(**LM, **ids),
+            image_token_id=image, vision_feature_layer=-1, vision_feature_select_strategy="default",
+            pad_token_id=tok.pad_token_id, **extra)
+        model = cls(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    return model.eval()
+
+
+def tiny_llava(processor, seed: int = 0) -> "transformers.LlavaForConditionalGeneration":
+    return tiny_vlm(processor, "llava", seed)
 
 
 def records(folder: Path, n: int = 8) -> list[dict]:
@@ -67,7 +121,8 @@ def records(folder: Path, n: int = 8) -> list[dict]:
         colour, shape = COLOURS[i % 4], SHAPES[i // 4 % 2]
         image = Image.new("RGB", (20, 24), "white")
         draw = ImageDraw.Draw(image)
-        (draw.rectangle if shape == "square" else draw.ellipse)([2, 2, 18, 22], fill=colour)
+        # The circle is the smaller, so that a random one-layer vision tower on 16 x 16 pixels tells them apart.
+        (draw.rectangle([2, 2, 18, 22], fill=colour) if shape == "square" else draw.ellipse([6, 8, 14, 16], fill=colour))
         image.save(folder / f"{i}.png")
         question, answer = [("what colour is the shape ?", colour), ("describe it", f"a {colour} {shape}")][i % 2]
         out.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
@@ -76,14 +131,34 @@ def records(folder: Path, n: int = 8) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory) -> Path:
-    """A saved tiny LLaVA (model, processor, tokenizer), 8 images and train.json, as a user would have them."""
-    root = tmp_path_factory.mktemp("llava")
-    processor = tiny_processor()
-    tiny_llava(processor).save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    (root / "train.json").write_text(json.dumps(records(root)))
-    return root
+def without_video_processor():
+    """Qwen2VLProcessor's video processor needs torchvision, whose PyPI build for torch 2.13 needs CUDA's torch
+    (not the CPU one here): the tests build and load the processor without it, for images only."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.Qwen2VLProcessor, "get_attributes", classmethod(lambda cls: ["image_processor",
+                                                                                               "tokenizer"]))
+        yield
+
+
+@pytest.fixture(scope="module")
+def saved_vlm(tmp_path_factory, without_video_processor):
+    """family -> a folder with a saved tiny VLM of that family (model, processor), 8 images and train.json."""
+    folders = {}
+
+    def make(family: str) -> Path:
+        if family not in folders:
+            root = folders[family] = tmp_path_factory.mktemp(family)
+            processor = tiny_processor(family)
+            tiny_vlm(processor, family).save_pretrained(root / "model")
+            processor.save_pretrained(root / "model")
+            (root / "train.json").write_text(json.dumps(records(root)))
+        return folders[family]
+    return make
+
+
+@pytest.fixture
+def llava_dir(saved_vlm) -> Path:
+    return saved_vlm("llava")
 
 
 @pytest.fixture(autouse=True)
@@ -172,14 +247,15 @@ def test_the_readme_trainer_block_routes_on_the_prompt_and_checkpointing_changes
 
 # ---- finetune_vlm.py, end to end -----------------------------------------------------------------
 
-def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_path):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_train_then_generate_answers_as_the_trained_model_does(family, saved_vlm, tmp_path):
+    llava_dir, out = saved_vlm(family), tmp_path / "run"
     data = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu"]
-    model = finetune_vlm.main(data + ["--out", str(out), "--steps", "30", "--batch-size", "4", "--lr", "1e-2",
+    model = finetune_vlm.main(data + ["--out", str(out), "--steps", "90", "--batch-size", "4", "--lr", "7e-3",
                                         "--dropout", "0", "--eval-data", str(llava_dir / "train.json")])
     config = json.loads((out / "adapters.json").read_text())
     assert config["method"] == "mixlora" and (config["factors"], config["rank"], config["alpha"]) == (16, 4, 32.0)
-    assert config["steps"] == 30 and config["processes"] == 1 and config["eval_loss"] < 0.1
+    assert config["steps"] == 90 and config["processes"] == 1 and config["eval_loss"] < 0.1
     assert torch.load(out / "adapters.pt", weights_only=True).keys() == finetune_vlm.adapter_state_dict(model).keys()
     # A new process would do this: load the base, rebuild and load the adapters, answer in left-padded
     # batches of 3 (the two questions differ in length), with the KV cache.
@@ -201,7 +277,7 @@ def test_train_then_generate_answers_as_the_trained_model_does(llava_dir, tmp_pa
         text = processor.tokenizer.decode(new[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         assert text == answer["answer"]
     # ... and the base model does not know them.
-    base = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir / "model").eval()
+    base = transformers.AutoModelForImageTextToText.from_pretrained(llava_dir / "model").eval()
     batch = collate(records)
     new = base.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[base.config.image_token_id])
     assert sum(a.strip() == t for a, t in zip(processor.tokenizer.batch_decode(new[:, batch["input_ids"].shape[1]:],
