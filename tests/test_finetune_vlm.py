@@ -257,6 +257,9 @@ def test_train_then_generate_answers_as_the_trained_model_does(family, saved_vlm
     assert config["method"] == "mixlora" and (config["factors"], config["rank"], config["alpha"]) == (16, 4, 32.0)
     assert config["steps"] == 90 and config["processes"] == 1 and config["eval_loss"] < 0.1
     assert torch.load(out / "adapters.pt", weights_only=True).keys() == finetune_vlm.adapter_state_dict(model).keys()
+    lm = next(name for name, m in model.named_modules() if m is model.get_decoder())  # model.language_model
+    adapted = [name for name, m in model.named_modules() if isinstance(m, MixLoRALinear)]
+    assert len(adapted) == 2 * 7 and all(name.startswith(lm + ".layers.") for name in adapted)
     # A new process would do this: load the base, rebuild and load the adapters, answer in left-padded
     # batches of 3 (the two questions differ in length), with the KV cache.
     answers = finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
@@ -284,23 +287,40 @@ def test_train_then_generate_answers_as_the_trained_model_does(family, saved_vlm
                                                                               skip_special_tokens=True), truth)) <= 2
 
 
-def test_the_collator_labels_the_answer_and_eos_only_and_pads_prompts_on_the_left(llava_dir):
-    processor = transformers.AutoProcessor.from_pretrained(llava_dir / "model")
-    records = finetune_vlm.load_records(str(llava_dir / "train.json"), None, answers=True)[:2]
+# Each family's prompt, as its template writes it (the image's tokens shown once), and its image token count.
+PROMPTS = {"llava": ("<s> USER: <image> what colour is the shape ? ASSISTANT:", 4),
+           "qwen2_vl": ("<|im_start|> user <|vision_start|> <|image_pad|> <|vision_end|> what colour is the shape ? "
+                        "<|im_end|> <|im_start|> assistant", 6),  # 24 x 16 pixels, 4 x 4 patches merged 2 x 2
+           "llava_next": ("<s> [INST] <image> what colour is the shape ? [/INST]", 24)}  # 4 + 4 x 4 + a row end per row
+
+
+@pytest.mark.parametrize("family", PROMPTS)
+def test_the_collator_labels_the_answer_and_eos_only_and_pads_prompts_on_the_left(family, saved_vlm):
+    folder = saved_vlm(family)
+    processor = transformers.AutoProcessor.from_pretrained(folder / "model")
+    records = finetune_vlm.load_records(str(folder / "train.json"), None, answers=True)[:2]
     train = finetune_vlm.Collator(processor, train=True)(records)
     prompts = finetune_vlm.Collator(processor, train=False)(records)
-    tok, image = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
+    tok, image = processor.tokenizer, processor.image_token_id
+    text, image_tokens = PROMPTS[family]
     for n, record in enumerate(records):
         answer = train["labels"][n] != -100
         assert torch.equal(train["labels"][n][answer], train["input_ids"][n][answer])
-        assert tok.decode(train["labels"][n][answer]) == record["conversations"][1]["value"] + " </s>"
+        assert tok.decode(train["labels"][n][answer]) == f"{record['conversations'][1]['value']} {tok.eos_token}"
         T = int(train["attention_mask"][n].sum())  # right-padded: prompt, answer, then padding
         assert answer[:T].tolist() == [False] * (T - int(answer.sum())) + [True] * int(answer.sum())
-        assert (train["input_ids"][n] == image).sum() == 4 and "labels" not in prompts
+        assert (train["input_ids"][n] == image).sum() == image_tokens and "labels" not in prompts
         prompt = train["input_ids"][n][:T][~answer[:T]]  # ... and the same prompt, left-padded, to answer
         assert torch.equal(prompts["input_ids"][n][-len(prompt):], prompt)
         assert prompts["attention_mask"][n].sum() == len(prompt)
+        if n == 0:
+            assert tok.decode(prompt.unique_consecutive()) == text
     assert prompts["attention_mask"][:, -1].all() and not prompts["attention_mask"][:, 0].all()
+    # The image tensors the family takes, and token-aligned ones (Qwen2-VL's mm_token_type_ids) padded alike.
+    assert {"llava": {"pixel_values"}, "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+            "llava_next": {"pixel_values", "image_sizes"}}[family] == set(train) - {"input_ids", "attention_mask", "labels"}
+    for key in set(train) & {"mm_token_type_ids"}:
+        assert torch.equal(train[key] != 0, train["input_ids"] == image)
 
 
 def test_bf16_and_gradient_checkpointing_flags(llava_dir, tmp_path):
@@ -384,3 +404,17 @@ def test_torchrun_with_two_processes_matches_one_process(llava_dir, tmp_path):
     expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("one", "two"))
     assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+
+# ---- hf/count_7b.py ---------------------------------------------------------------------------------
+
+def test_count_7b_counts_what_the_formula_gives_on_the_meta_device(llava_dir):
+    """MixLoRA trains E (d_in + d_out) pool, 2 E d_in router and r E d_in W^CFS parameters per linear."""
+    from hf import count_7b
+    config = transformers.AutoConfig.from_pretrained(llava_dir / "model")
+    frozen, trained = count_7b.count(config, dict(method="mixlora", rank=4, factors=16))
+    d, f = 32, 64  # hidden, intermediate; k and v project to 2 KV heads of 8: 16
+    shapes = [(d, d), (d, 16), (d, 16), (d, d), (d, f), (d, f), (f, d)]  # (d_in, d_out): q k v o gate up down
+    assert trained == 2 * sum(16 * (i + o) + (2 + 4) * 16 * i for i, o in shapes)
+    assert frozen == sum(p.numel() for p in transformers.AutoModelForImageTextToText.from_pretrained(
+        llava_dir / "model").parameters())
