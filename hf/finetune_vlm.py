@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
@@ -100,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=cli.above(0.0), default=4e-5)
     p.add_argument("--seed", type=cli.at_least(0), default=0)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fsdp", action="store_true", help="GPUs: shard the base, the adapters, their gradients and "
+                   "AdamW's state over the torchrun processes (FSDP2 through accelerate, one unit per decoder layer)")
     p.add_argument("--bf16", action="store_true", help="base in bfloat16; adapters train in float32 under autocast")
     p.add_argument("--max-new-tokens", type=cli.at_least(1), default=128)
     p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N; "
@@ -116,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.generate and args.batch_size % shards:
         p.error(f"argument --batch-size: {args.batch_size} is the global batch; it must divide evenly into "
                 f"{shards} micro-batches (processes x --grad-accum)")
+    if args.fsdp and (args.device == "cpu" or not torch.cuda.is_available()):
+        p.error("argument --fsdp: accelerate 1.15 applies FSDP on GPUs only; on the CPU its Trainer would silently "
+                "train DDP (for FSDP2 on the CPU, shard by hand: tests/test_finetune_vlm.py's FSDP_PROBE)")
     args.targets = args.targets.split(",")
     if args.alpha is None:
         args.alpha = 2.0 * (args.factors if args.method == "mixlora" else args.rank)
@@ -249,10 +255,17 @@ def save_json(obj, path: Path) -> None:
 
 # save, saved_config and load are the script's only ways to the adapter files: swap these three to change format.
 
-def save(model: PreTrainedModel, config: dict, out: Path) -> None:
-    """adapters.pt (adapter_state_dict) and adapters.json (config: what rebuilds them, and the run's record)."""
+def save(model: PreTrainedModel, config: dict, out: Path, write: bool = True) -> None:
+    """adapters.pt (adapter_state_dict) and adapters.json (config: what rebuilds them, and the run's record).
+
+    Under FSDP every process must call it: each adapter tensor is a DTensor, sharded over the processes,
+    and full_tensor() gathers it; the one process with write=True writes the full tensors.
+    """
+    adapters = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in adapter_state_dict(model).items()}
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
-    save_atomically(lambda f: torch.save(adapter_state_dict(model), f), out / "adapters.pt")
+    save_atomically(lambda f: torch.save(adapters, f), out / "adapters.pt")
     save_json(config, out / "adapters.json")  # written last: its presence means a complete save
 
 
@@ -294,10 +307,14 @@ def train(args: argparse.Namespace) -> PreTrainedModel:
                 p.data = p.data.float()
     # Non-reentrant checkpointing (the reentrant kind would need the frozen embeddings' output to require
     # a gradient); transformers 5 renamed the option activation_checkpointing and made it the default.
+    # Under FSDP, its own (per sharded unit) instead: the Trainer's would gather every unit's weights twice.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     checkpointing = ({"activation_checkpointing": args.gradient_checkpointing} if "activation_checkpointing" in fields
                      else {"gradient_checkpointing": args.gradient_checkpointing,
                            "gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    if args.fsdp:
+        checkpointing = {"activation_checkpointing": False, "fsdp": True,
+                         "fsdp_config": {"version": 2, "activation_checkpointing": args.gradient_checkpointing}}
     world = int(os.environ.get("WORLD_SIZE", 1))
     targs = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=args.batch_size // (world * args.grad_accum),
@@ -314,8 +331,7 @@ def train(args: argparse.Namespace) -> PreTrainedModel:
     config.update(steps=trainer.state.global_step, processes=trainer.args.world_size)  # for the record
     if eval_records:
         config["eval_loss"] = trainer.evaluate()["eval_loss"]
-    if trainer.is_world_process_zero():
-        save(model, config, Path(args.out))
+    save(model, config, Path(args.out), write=trainer.is_world_process_zero())  # every process: FSDP gathers
     return model
 
 

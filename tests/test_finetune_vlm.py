@@ -9,6 +9,7 @@ script loads them as it would load a hub checkpoint. `transformers` and `acceler
 
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -363,6 +364,7 @@ CASES = {
         ["--targets", "q_proj,qkv_proj"], ["argument --targets", "['qkv_proj'] match no module"]),
     "a bad number": ([], ["--lr", "0"], ["argument --lr", "expected a number > 0, got 0"]),
     "E < r": ([], ["--factors", "2", "--rank", "4"], ["argument --factors", "expected E >= --rank 4"]),
+    "FSDP on the CPU": ([], ["--fsdp"], ["argument --fsdp", "would silently train DDP"]),
 }
 
 
@@ -418,3 +420,80 @@ def test_count_7b_counts_what_the_formula_gives_on_the_meta_device(llava_dir):
     assert trained == 2 * sum(16 * (i + o) + (2 + 4) * 16 * i for i, o in shapes)
     assert frozen == sum(p.numel() for p in transformers.AutoModelForImageTextToText.from_pretrained(
         llava_dir / "model").parameters())
+
+
+# FSDP2 by hand: accelerate 1.15 applies its FSDP plugin only on accelerators (state.py: MULTI_GPU, ...), so
+# on the CPU the Trainer's fsdp=True trains DDP. This is the loop a forker's own FSDP2 code runs.
+FSDP_PROBE = """
+import json, os, sys
+import torch, torch.distributed as dist, transformers
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from hf import finetune_vlm
+from mixlora import MixLoRALinear, adapter_state_dict, mark_only_adapters_trainable, routing_mask
+
+folder, out = sys.argv[1:]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+processor = transformers.AutoProcessor.from_pretrained(folder + "/model")
+model = transformers.AutoModelForImageTextToText.from_pretrained(folder + "/model")
+torch.manual_seed(0)  # the adapters' init, in every process
+finetune_vlm.add_adapters(model, dict(method="mixlora", factors=16, rank=4, alpha=32.0, dropout=0.0, scores="softmax",
+                                      targets=finetune_vlm.TARGETS.split(",")))
+mark_only_adapters_trainable(model)
+model.activation_checkpointing_enable({"use_reentrant": False})
+for layer in finetune_vlm.language_model(model).layers:  # one FSDP unit per decoder layer, then the rest
+    fully_shard(layer)
+fully_shard(model)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+records = finetune_vlm.load_records(folder + "/train.json", None, answers=True)
+collate = finetune_vlm.Collator(processor, train=True)
+model.train()
+for step in range(4):  # global batches of 4 records in order; each process takes every world-th
+    share = records[4 * step % 8:][:4][rank::world]
+    batch = collate(share)
+    tokens = sum((collate([r])["labels"] != -100).sum() for r in records[4 * step % 8:][:4])  # the global batch's
+    with routing_mask(model, (batch["labels"] == -100) & batch["attention_mask"].bool()):
+        # The mean over the global batch's answer tokens; FSDP averages the processes' gradients, hence * world.
+        loss = model(**batch, num_items_in_batch=tokens).loss * world
+        loss.backward()
+    opt.step()
+    opt.zero_grad()
+layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
+facts = dict(sharded=all(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad),
+             routed_on_prompt=len(layers) == 14 and all(m.routed_on_prompt for m in layers))
+adapters = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in adapter_state_dict(model).items()}
+if rank == 0:
+    os.makedirs(out)
+    torch.save(adapters, out + "/adapters.pt")
+    open(out + "/facts.json", "w").write(json.dumps(facts))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_with_two_processes_matches_one_process_and_its_adapters_load_in_one(llava_dir, tmp_path):
+    """fully_shard over 2 gloo processes, with activation checkpointing, ends where 1 process ends."""
+    (tmp_path / "probe.py").write_text(FSDP_PROBE)
+    root = Path(__file__).parents[1]
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               str(tmp_path / "probe.py"), str(llava_dir), str(tmp_path / str(n))]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        # Every adapter a DTensor shard, and every MixLoRA layer routed on routing_mask's mask inside the
+        # sharded model (a recomputation outside it would have raised).
+        assert json.loads((tmp_path / str(n) / "facts.json").read_text()) == dict(sharded=True, routed_on_prompt=True)
+    expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("1", "2"))
+    assert all(type(v) is torch.Tensor for v in got.values())  # full tensors, gathered
+    assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    # They load into one process, as the script's own save: its --generate answers with them.
+    config = dict(model=str(llava_dir / "model"), method="mixlora", factors=16, rank=4, alpha=32.0, dropout=0.0,
+                  scores="softmax", targets=finetune_vlm.TARGETS.split(","), bf16=False)
+    for d, adapters in (("1", expected), ("2", got)):
+        (tmp_path / d / "adapters.json").write_text(json.dumps(config))
+    answers = [finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(tmp_path / d), "--device",
+                                  "cpu", "--max-new-tokens", "5"]) for d in ("1", "2")]
+    assert answers[0] == answers[1]
