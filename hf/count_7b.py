@@ -1,6 +1,7 @@
 """What a 7B run holds in memory: the frozen base, the adapters, their gradients and AdamW's state.
 
-    python -m hf.count_7b          # prints the markdown table on hf/README.md
+    python -m hf.count_7b                         # prints the markdown table on hf/README.md
+    python -m hf.count_7b --factors 8 --rank 2    # MixLoRA at another E and r (LoRA stays r = 4, 32)
 
 Counted, not estimated: each model is built from its config (written here from the released
 checkpoints' config.json: llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct) on the `meta` device,
@@ -10,15 +11,16 @@ summed. Bytes: the base in bfloat16 (2 per parameter, as --bf16 loads it); the a
 (4), their gradient (4) and AdamW's two moments (8), as the script trains them.
 """
 
+import argparse
+
 import torch
 import transformers
 
+import cli
 from hf.finetune_vlm import TARGETS, add_adapters
 from mixlora import mark_only_adapters_trainable
 
 GiB = 2 ** 30
-METHODS = {"LoRA r = 4": dict(method="lora", rank=4, factors=4), "LoRA r = 32": dict(method="lora", rank=32, factors=32),
-           "MixLoRA E = 16, r = 4": dict(method="mixlora", rank=4, factors=16)}
 
 
 def llava_15_7b() -> transformers.PretrainedConfig:
@@ -54,11 +56,25 @@ def count(config: transformers.PretrainedConfig, method: dict) -> tuple[int, int
     return frozen, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = cli.parser(__doc__)
+    p.add_argument("--factors", type=cli.at_least(1), default=16, help="MixLoRA's E (>= r)")
+    p.add_argument("--rank", type=cli.at_least(1), default=4, help="MixLoRA's r")
+    args = p.parse_args(argv)
+    if args.factors < args.rank:
+        p.error(f"argument --factors: expected E >= --rank {args.rank}, got {args.factors}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    methods = {"LoRA r = 4": dict(method="lora", rank=4, factors=4),
+               "LoRA r = 32": dict(method="lora", rank=32, factors=32),
+               f"MixLoRA E = {args.factors}, r = {args.rank}": dict(method="mixlora", rank=args.rank, factors=args.factors)}
     print("| model | adapters | trainable parameters | adapters + grads + AdamW (16 B each) | frozen base (bf16) |")
     print("|---|---|---:|---:|---:|")
     for name, config in [("LLaVA-1.5-7B", llava_15_7b()), ("Qwen2-VL-7B", qwen2_vl_7b())]:
-        for label, method in METHODS.items():
+        for label, method in methods.items():
             frozen, trained = count(config, method)
             print(f"| {name} | {label} | {trained / 1e6:.1f} M | {16 * trained / GiB:.2f} GiB "
                   f"| {frozen / 1e9:.2f} B: {2 * frozen / GiB:.2f} GiB |")

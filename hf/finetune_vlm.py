@@ -17,8 +17,8 @@ and AutoProcessor load. --data is LLaVA's conversation JSON, one single-turn rec
 Each record becomes a chat (a user turn: the image where "<image>" stands, and the text; an assistant turn:
 the answer) written with the processor's chat template, or LLaVA v1's (LLAVA_V1_TEMPLATE) where the
 checkpoint has none. The prompt is the template up to and including its generation prompt; the answer is
-everything the template writes after it (the answer, its end-of-turn token, and EOS where the template
-writes no stop token). The processor turns a batch of these texts and images into every tensor the model
+everything the template writes after it (the answer, its end-of-turn token, and the tokenizer's EOS where
+the template writes none). The processor turns a batch of these texts and images into every tensor the model
 takes (pixel_values, and image_grid_thw, image_sizes, pixel_attention_mask, mm_token_type_ids ... as the
 family needs), all passed on. The labels are -100 everywhere but on the answer, and MixLoRATrainer routes
 every MixLoRA layer on the rest, (labels == -100) & attention_mask: the image and the question, never the
@@ -33,6 +33,7 @@ E = 16, r = 4, α = 2E (2r for LoRA), dropout 0.05, lr 4e-5 cosine (LLaVA's 3% w
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--fsdp", action="store_true", help="GPUs: shard the base, the adapters, their gradients and "
                    "AdamW's state over the torchrun processes (FSDP2 through accelerate, one unit per decoder layer)")
+    p.add_argument("--deepspeed", metavar="CONFIG", help="a DeepSpeed config, e.g. hf/ds_zero3.json (ZeRO-3 over the "
+                   "torchrun processes; needs `pip install deepspeed`)")
     p.add_argument("--bf16", action="store_true", help="base in bfloat16; adapters train in float32 under autocast")
     p.add_argument("--max-new-tokens", type=cli.at_least(1), default=128)
     p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N; "
@@ -258,10 +261,17 @@ def save_json(obj, path: Path) -> None:
 def save(model: PreTrainedModel, config: dict, out: Path, write: bool = True) -> None:
     """adapters.pt (adapter_state_dict) and adapters.json (config: what rebuilds them, and the run's record).
 
-    Under FSDP every process must call it: each adapter tensor is a DTensor, sharded over the processes,
-    and full_tensor() gathers it; the one process with write=True writes the full tensors.
+    Under FSDP and ZeRO-3 every process must call it: FSDP's adapter tensors are DTensors, which
+    full_tensor() gathers; ZeRO-3's are empty partitions, which GatheredParameters gathers. The one
+    process with write=True writes the full tensors.
     """
-    adapters = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in adapter_state_dict(model).items()}
+    zero3 = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_numel")]
+    with contextlib.ExitStack() as gathered:
+        if zero3:
+            import deepspeed  # only where the model is already under ZeRO-3
+            gathered.enter_context(deepspeed.zero.GatheredParameters(zero3))
+        adapters = {k: v.full_tensor() if isinstance(v, DTensor) else v.clone()
+                    for k, v in adapter_state_dict(model).items()}
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +334,7 @@ def train(args: argparse.Namespace) -> PreTrainedModel:
         use_cpu=args.device == "cpu", logging_steps=10, save_strategy="no", report_to="none",
         remove_unused_columns=False,  # the collator reads the records' image and conversations
         ddp_find_unused_parameters=False,  # every adapter parameter gets a gradient, zeros if unchosen
+        deepspeed=args.deepspeed,
         **checkpointing)
     trainer = MixLoRATrainer(model=model, args=targs, train_dataset=records, eval_dataset=eval_records,
                              data_collator=Collator(processor, train=True))

@@ -15,8 +15,9 @@ ENTRY_POINTS = {
     "experiments/conflict.py": ("experiments.conflict", "main", []),
     "experiments/routers.py": ("experiments.routers", "main", []),
     "hf/finetune_vlm.py": ("hf.finetune_vlm", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
+    "hf/count_7b.py": ("hf.count_7b", "parse_args", []),
 }
-NEEDS = {"hf/finetune_vlm.py": "transformers"}  # optional dependencies: skip without them
+NEEDS = {"hf/finetune_vlm.py": "transformers", "hf/count_7b.py": "transformers"}  # optional dependencies: skip without them
 BAD = {  # every numeric and device flag of every entry point, with values out of range
     "train_toy.py": [("--rank", "0"), ("--factors", "0"), ("--steps", "0"), ("--base-steps", "-5"),
                      ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
@@ -36,6 +37,7 @@ BAD = {  # every numeric and device flag of every entry point, with values out o
                           ("--dropout", "-0.1"), ("--dropout", "1"), ("--epochs", "0"), ("--steps", "0"),
                           ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--max-new-tokens", "0"),
                           ("--method", "dora"), ("--scores", "softmax2"), ("--device", "tpu")] + NO_CUDA,
+    "hf/count_7b.py": [("--factors", "0"), ("--rank", "0"), ("--rank", "two")],
 }
 CASES = [(entry, flag, value) for entry, flags in BAD.items() for flag, value in flags]
 
@@ -58,6 +60,7 @@ def test_bad_input_is_one_line_that_names_the_flag(entry, flag, value, capsys):
     ("experiments/bench.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
     ("hf/finetune_vlm.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
     ("hf/finetune_vlm.py", ["--batch-size", "6", "--grad-accum", "4"], "must divide evenly into 4 micro-batches"),
+    ("hf/count_7b.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
 ])
 def test_flags_that_must_agree(entry, argv, says, capsys):
     if entry in NEEDS:

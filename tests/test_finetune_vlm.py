@@ -497,3 +497,24 @@ def test_fsdp2_with_two_processes_matches_one_process_and_its_adapters_load_in_o
     answers = [finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(tmp_path / d), "--device",
                                   "cpu", "--max-new-tokens", "5"]) for d in ("1", "2")]
     assert answers[0] == answers[1]
+
+
+def test_deepspeed_zero3_with_two_processes_matches_one_process(llava_dir, tmp_path):
+    """--deepspeed hf/ds_zero3.json over 2 gloo processes ends where 1 process ends, and save() gathers."""
+    pytest.importorskip("deepspeed")  # not in hf/requirements.txt: pip install torch==2.13.0 deepspeed==0.19.8
+    root = Path(__file__).parents[1]
+    config = json.loads((root / "hf" / "ds_zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even this model's parameters
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    flags = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu",
+             "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--dropout", "0"]
+    finetune_vlm.main(flags + ["--out", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hf.finetune_vlm",
+           *flags, "--deepspeed", str(tmp_path / "zero3.json"), "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
+    assert json.loads((tmp_path / "two" / "adapters.json").read_text())["processes"] == 2
+    expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("one", "two"))
+    assert all(v.shape == expected[k].shape for k, v in got.items())  # gathered, not ZeRO-3's empty partitions
+    assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
