@@ -26,6 +26,7 @@ LoRALinear (the baseline), MixLoRALinear (route, forward, delta_weight), then th
 adapters into a model, route it on a prompt mask and save them.
 """
 
+import json
 import math
 import os
 import re
@@ -46,9 +47,15 @@ class _LowRankAdapter(nn.Module):
     kaiming-uniform and B at zero, so an adapted model starts exactly at its base model.
     The adapter stays a drop-in for the nn.Linear it wraps: .weight, .bias, .in_features
     and .out_features read through to it.
+
+    Dtypes, as PEFT's autocast_adapter_dtype: with upcast=True (the default) pools and routers are
+    float32 at least, whatever the base stores (bf16, fp16, int8, 4-bit), since AdamW on bf16 pools
+    would lose small updates; upcast=False keeps them in the base's compute dtype, for memory. The
+    forward casts x to the adapters' dtype and their output back to the base output's dtype.
     """
 
-    def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None, dropout: float):
+    def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None, dropout: float,
+                 upcast: bool):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ValueError(f"an adapter wraps an nn.Linear, got {type(base).__name__}")
@@ -60,10 +67,12 @@ class _LowRankAdapter(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.base = base
-        self.num_factors, self.rank = num_factors, rank
-        self.scaling = (rank if alpha is None else alpha) / rank  # α / r
+        self.num_factors, self.rank, self.upcast = num_factors, rank, upcast
+        self.alpha = rank if alpha is None else alpha
+        self.scaling = self.alpha / rank  # α / r
         self.dropout = nn.Dropout(dropout)
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        dtype = compute_dtype(base)
+        like = dict(device=base.weight.device, dtype=torch.promote_types(dtype, torch.float32) if upcast else dtype)
         self.lora_A = nn.Parameter(torch.empty(num_factors, base.in_features, **like))  # (E, d_in)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, num_factors, **like))  # (d_out, E)
@@ -88,16 +97,33 @@ class _LowRankAdapter(nn.Module):
         return f"num_factors={self.num_factors}, rank={self.rank}, scaling={self.scaling:g}"
 
 
+def compute_dtype(base: nn.Linear) -> torch.dtype:
+    """The dtype base computes in: its weight's, or for a quantized store (bitsandbytes' int8 or
+    packed 4-bit; torchao's weight tensors report their float dtype) bitsandbytes' compute_dtype
+    where it is set, else that of the bias, else float32."""
+    if base.weight.dtype.is_floating_point:
+        return base.weight.dtype
+    bias_dtype = base.bias.dtype if base.bias is not None else None
+    return getattr(base, "compute_dtype", None) or bias_dtype or torch.float32
+
+
 class LoRALinear(_LowRankAdapter):
     """LoRA (Hu et al., 2021), the baseline: y = W x + (α/r) B A dropout(x), ΔW = B A (eq. 1)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0):
-        super().__init__(base, rank, rank, alpha, dropout)
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 upcast: bool = True):
+        super().__init__(base, rank, rank, alpha, dropout, upcast)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected x of shape (..., {self.in_features}), got {tuple(x.shape)}")
-        return self.base(x) + self.scaling * (self.dropout(x) @ self.lora_A.T @ self.lora_B.T)
+        y = self.base(x)
+        delta = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.T @ self.lora_B.T  # in the adapters' dtype
+        return y + (self.scaling * delta).to(y.dtype)
+
+    def arguments(self) -> dict:
+        """What built this adapter: add_lora's arguments (save_adapters writes them)."""
+        return dict(method="lora", rank=self.rank, alpha=self.alpha, dropout=self.dropout.p, upcast=self.upcast)
 
 
 class Routing(NamedTuple):
@@ -155,8 +181,8 @@ class MixLoRALinear(_LowRankAdapter):
 
     def __init__(self, base: nn.Linear, num_factors: int, rank: int, alpha: float | None = None,
                  dropout: float = 0.0, conditional: bool = True, cfs_weight: float = 1.0,
-                 router_grad: bool = True, scores: str = "softmax"):
-        super().__init__(base, num_factors, rank, alpha, dropout)
+                 router_grad: bool = True, scores: str = "softmax", upcast: bool = True):
+        super().__init__(base, num_factors, rank, alpha, dropout, upcast)
         if scores not in SCORES:
             raise ValueError(f"scores must be one of {', '.join(map(repr, SCORES))}, got {scores!r}")
         self.conditional, self.cfs_weight, self.router_grad = conditional, cfs_weight, router_grad
@@ -183,13 +209,19 @@ class MixLoRALinear(_LowRankAdapter):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scores={self.scores}"
 
+    def arguments(self) -> dict:
+        """What built this adapter: add_mixlora's arguments (save_adapters writes them)."""
+        return dict(method="mixlora", num_factors=self.num_factors, rank=self.rank, alpha=self.alpha,
+                    dropout=self.dropout.p, conditional=self.conditional, cfs_weight=self.cfs_weight,
+                    router_grad=self.router_grad, scores=self.scores, upcast=self.upcast)
+
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
         """Choose S^A by IFS and S^B by IFS + CFS for every instance of x ((N, T, d_in) or (N, d_in)).
 
         Routing runs in float32 at least (float64 stays float64), also under autocast, and sees
         x before dropout. mask (N, T) bool, True at prompt positions, selects what x̄ averages.
         """
-        x, mask = _instances(x, mask, self.in_features)  # (N, T, d_in), (N, T) or None
+        x, mask = _instances(x, mask, self.in_features, checked=mask is self.mask)  # (N, T, d_in), (N, T) or None
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             # Routing reads x and the a-pool, and trains the routers only (§3.4): detached, so that
@@ -204,13 +236,13 @@ class MixLoRALinear(_LowRankAdapter):
                 m = m / m.sum(1, keepdim=True).clamp(min=1)
                 x_bar = torch.bmm(m[:, None, :], x).squeeze(1)  # (N, d_in)
             score = SCORES[self.scores]  # softmax over the E factors (the paper), or σ per factor
-            # IFS: p^A = softmax(R^A x̄), S^A = top-r, in canonical (ascending) order.
-            p_a = score(x_bar @ self.router_A.to(dtype).T)  # (N, E)
-            index_a = self.top_r(p_a)  # (N, r)
+            # IFS: p^A = softmax(R^A x̄) and p^B's first term softmax(R^B x̄), in one matmul and one score.
+            routers = torch.cat([self.router_A, self.router_B]).to(dtype)  # (2E, d_in)
+            p_a, p_b = score((x_bar @ routers.T).view(-1, 2, self.num_factors)).unbind(1)  # (N, E) each
+            index_a = self.top_r(p_a)  # (N, r): S^A, in canonical (ascending) order
             # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
-            p_b = score(x_bar @ self.router_B.to(dtype).T)  # (N, E)
             if self.conditional:
-                p_b = p_b + self.cfs_weight * score(self.cfs_logits(index_a, dtype))
+                p_b = torch.add(p_b, score(self.cfs_logits(index_a, dtype)), alpha=self.cfs_weight)
             index_b = self.top_r(p_b)  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
             p_a, p_b = p_a.detach(), p_b.detach()
@@ -218,7 +250,8 @@ class MixLoRALinear(_LowRankAdapter):
 
     def top_r(self, p: Tensor) -> Tensor:
         """S = the r factors of largest score p (N, E), sorted ascending: the canonical order."""
-        return p.topk(self.rank, dim=-1, sorted=False).indices.sort(dim=-1).values  # (N, r)
+        index = p.topk(self.rank, dim=-1, sorted=False).indices  # (N, r), in no particular order
+        return index.topk(self.rank, dim=-1, largest=False).values  # ascending: one op, where sort() is eight
 
     def cfs_logits(self, index_a: Tensor, dtype: torch.dtype) -> Tensor:
         """CFS: c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}> for every instance's S^A (N, r) -> c (N, E).
@@ -237,12 +270,13 @@ class MixLoRALinear(_LowRankAdapter):
         set by routing_mask(). No per-instance ΔW, no loop over instances, no host sync.
         """
         routing = self._routing(x, mask)
-        x3 = x if x.dim() == 3 else x[:, None]  # (N, T, d_in)
+        x3 = (x if x.dim() == 3 else x[:, None]).to(self.lora_A.dtype)  # (N, T, d_in), in the adapters' dtype
         A, B = self.factors(routing)  # (N, r, d_in), (N, r, d_out)
         h = torch.bmm(self.dropout(x3), A.transpose(1, 2))  # (N, T, r)
         w = routing.gate_a * routing.gate_b  # (N, r), exactly 1 in value
         delta = torch.bmm(h * w[:, None, :].to(h.dtype), B)  # (N, T, d_out)
-        return self.base(x) + self.scaling * delta.view(*x.shape[:-1], -1)
+        y = self.base(x)  # after the adapter path, as before upcast came: float32 runs stay the same to the bit
+        return y + (self.scaling * delta.view(*x.shape[:-1], -1)).to(y.dtype)
 
     def factors(self, routing: Routing) -> tuple[Tensor, Tensor]:
         """Each instance's chosen factors: rows a_{S^A_j} (N, r, d_in) and columns b_{S^B_j} (N, r, d_out)."""
@@ -291,8 +325,9 @@ class MixLoRALinear(_LowRankAdapter):
         return self.scaling * delta
 
 
-def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor, Tensor | None]:
-    """Check x and mask; return x as (N, T, d_in) and mask as (N, T) bool or None."""
+def _instances(x: Tensor, mask: Tensor | None, in_features: int, checked: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Check x and mask; return x as (N, T, d_in) and mask as (N, T) bool or None. checked: the mask is
+    routing_mask's, which has checked that every instance has a prompt position, once for all layers."""
     if x.dim() not in (2, 3) or x.shape[-1] != in_features:
         raise ValueError(f"expected x of shape (N, T, {in_features}) or (N, {in_features}), "
                          f"got {tuple(x.shape)}")
@@ -308,12 +343,18 @@ def _instances(x: Tensor, mask: Tensor | None, in_features: int) -> tuple[Tensor
                          f"positions; got {mask.dtype} of shape {tuple(mask.shape)}{hint}")
     if mask.device != x.device:
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
-    # Checked where it is free: on the CPU, outside torch.compile (on a GPU it would sync).
+    if not checked:
+        _check_prompts(mask)
+    return x, mask
+
+
+def _check_prompts(mask: Tensor) -> None:
+    """Every instance of mask (N, T) needs a prompt position to route on. Checked where it is free: on
+    the CPU, outside torch.compile (on a GPU it would sync)."""
     if mask.device.type == "cpu" and not torch.compiler.is_compiling() and not mask.any(1).all():
         empty = (~mask.any(1)).nonzero().flatten().tolist()
         raise ValueError(f"mask has no True position in instance(s) {empty}: every instance needs "
                          f"at least one prompt position to route on")
-    return x, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,17 +403,21 @@ def replace_linears(model: nn.Module, targets: Sequence[str] | str,
 
 
 def add_lora(model: nn.Module, targets: Sequence[str] | str, rank: int, alpha: float | None = None,
-             dropout: float = 0.0) -> nn.Module:
+             dropout: float = 0.0, upcast: bool = True) -> nn.Module:
     """Wrap the target nn.Linear layers of model in LoRALinear, in place; returns model."""
-    return replace_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout))
+    return replace_linears(model, targets, lambda base: LoRALinear(base, rank, alpha, dropout, upcast))
 
 
 def add_mixlora(model: nn.Module, targets: Sequence[str] | str, num_factors: int, rank: int,
                 alpha: float | None = None, dropout: float = 0.0, conditional: bool = True,
-                cfs_weight: float = 1.0, router_grad: bool = True, scores: str = "softmax") -> nn.Module:
-    """Wrap the target nn.Linear layers of model in MixLoRALinear, in place; returns model."""
+                cfs_weight: float = 1.0, router_grad: bool = True, scores: str = "softmax",
+                upcast: bool = True) -> nn.Module:
+    """Wrap the target nn.Linear layers of model in MixLoRALinear, in place; returns model.
+
+    upcast=True keeps pools and routers in float32 (at least) on a bf16, fp16 or quantized base;
+    False, in the base's compute dtype (_LowRankAdapter)."""
     return replace_linears(model, targets, lambda base: MixLoRALinear(
-        base, num_factors, rank, alpha, dropout, conditional, cfs_weight, router_grad, scores))
+        base, num_factors, rank, alpha, dropout, conditional, cfs_weight, router_grad, scores, upcast))
 
 
 @contextmanager
@@ -390,6 +435,7 @@ def routing_mask(model: nn.Module, mask: Tensor) -> Iterator[None]:
     """
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be a bool tensor of shape (N, T), got {mask.dtype} {tuple(mask.shape)}")
+    _check_prompts(mask)  # here, once, rather than in every layer's route()
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
     outer = [(layer.mask, layer.held) for layer in layers]  # None, None outside every context
     for layer in layers:
@@ -452,3 +498,97 @@ def save_atomically(write: Callable[[BinaryIO], object], path: str | Path) -> No
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# Sharing adapters: a directory with PEFT's file names (tools that look for them find them), but a config of its
+# own. It must not say peft_type LORA, which PEFT would then load as plain LoRA, without the routing.
+ADAPTER_CONFIG, FORMAT_VERSION = "adapter_config.json", 1
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.pt")
+BUILDERS = {"lora": add_lora, "mixlora": add_mixlora}
+
+
+def save_adapters(model: nn.Module, directory: str | Path, tensors: dict[str, Tensor] | None = None) -> None:
+    """Write model's adapters to directory: adapter_config.json, which says what built them on which modules, and
+    their tensors, as adapter_model.safetensors where the safetensors package is installed (loading runs no code),
+    else as adapter_model.pt (loaded with weights_only=True). Each file is written atomically, the config last:
+    its presence means a complete save. load_adapters(fresh_base, directory) puts them back.
+
+    tensors: what to write, adapter_state_dict(model) by default; the full tensors, with its keys, where the
+    model holds only shards of them (FSDP, ZeRO-3: gather them first).
+    """
+    directory = Path(directory)
+    groups: dict[str, dict] = {}  # adapters built by the same arguments: one add_lora / add_mixlora call each
+    for name, adapter in _adapters(model):
+        arguments = adapter.arguments()
+        groups.setdefault(json.dumps(arguments), dict(arguments, modules=[]))["modules"].append(name)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no adapters to save: add_lora or add_mixlora puts them in")
+    own = adapter_state_dict(model)
+    if tensors is None:
+        tensors = own
+    elif tensors.keys() != own.keys():
+        raise ValueError(f"tensors must have adapter_state_dict(model)'s {len(own)} keys; got {len(tensors)} keys, "
+                         f"{len(tensors.keys() ^ own.keys())} of them differing")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    try:
+        from safetensors.torch import save as safetensors_bytes
+        weights, write = WEIGHTS[0], lambda f: f.write(safetensors_bytes(tensors))
+    except ImportError:
+        weights, write = WEIGHTS[1], lambda f: torch.save(tensors, f)
+    for stale in (ADAPTER_CONFIG, *WEIGHTS):  # an earlier save here: without its config, no one loads half of it
+        (directory / stale).unlink(missing_ok=True)
+    save_atomically(write, directory / weights)
+    config = {"format": "mixlora", "format_version": FORMAT_VERSION, "weights": weights, "adapters": list(groups.values())}
+    save_atomically(lambda f: f.write(json.dumps(config, indent=1).encode()), directory / ADAPTER_CONFIG)
+
+
+def read_adapters(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """The config and the tensors that save_adapters wrote to directory; ValueError where this code cannot read them."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{path} not found: save_adapters writes it, last, into the directory it saves to")
+    config = json.loads(path.read_text())
+    if config.get("format") != "mixlora":
+        peft = f" (peft_type {config['peft_type']}: a PEFT adapter, which PEFT loads)" if "peft_type" in config else ""
+        raise ValueError(f"{path} is not a MixLoRA adapter config{peft}")
+    if config["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {config['format_version']}; this mixlora.py reads up to "
+                         f"{FORMAT_VERSION}: update mixlora.py")
+    weights = Path(directory) / config["weights"]
+    if weights.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"{weights} needs the safetensors package: pip install safetensors") from None
+        tensors = load_file(weights)
+    else:
+        tensors = torch.load(weights, map_location="cpu", weights_only=True)
+    return config, tensors
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Put the adapters that save_adapters wrote to directory onto model, a base without them (the kind they were
+    saved from): the same add_lora / add_mixlora calls on the same modules, then their tensors. Returns model.
+    A config this code cannot read, or a base they do not fit, is a ValueError that names the problem.
+    """
+    config, tensors = read_adapters(directory)
+    path = Path(directory) / ADAPTER_CONFIG
+    modules = dict(model.named_modules())
+    for group in config["adapters"]:  # check every group before changing the model
+        if group["method"] not in BUILDERS:
+            raise ValueError(f"{path}: unknown method {group['method']!r}; this mixlora.py knows "
+                             f"{', '.join(map(repr, BUILDERS))}")
+        for name in group["modules"]:
+            if name not in modules:
+                raise ValueError(f"{path}: the adapters sit on {name!r}, which this {type(model).__name__} does not "
+                                 f"have: another base model, or not the model they were saved from?")
+            saved = (tensors[f"{name}.lora_A"].shape[1], tensors[f"{name}.lora_B"].shape[0])  # (d_in, d_out)
+            here = (getattr(modules[name], "in_features", None), getattr(modules[name], "out_features", None))
+            if here != saved:
+                raise ValueError(f"{path}: {name} maps {here[0]} -> {here[1]} features in this "
+                                 f"{type(model).__name__} but {saved[0]} -> {saved[1]} in the adapters: another base model?")
+    for group in config["adapters"]:
+        arguments = {k: v for k, v in group.items() if k not in ("method", "modules")}
+        BUILDERS[group["method"]](model, "|".join(map(re.escape, group["modules"])), **arguments)
+    load_adapter_state_dict(model, tensors)
+    return model

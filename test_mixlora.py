@@ -1,6 +1,9 @@
 """Property tests for mixlora.py: the equations of docs/method.md, checked over random shapes in float64."""
 
 import copy
+import importlib.util
+import json
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixlora import (SCORES, LoRALinear, MixLoRALinear, adapter_state_dict, add_lora, add_mixlora,
-                     load_adapter_state_dict, mark_only_adapters_trainable, routing_mask)
+                     load_adapter_state_dict, load_adapters, mark_only_adapters_trainable, routing_mask,
+                     save_adapters)
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("default")
@@ -411,11 +415,55 @@ def test_routing_runs_in_float32_under_bf16_autocast():
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
 
 
+def test_x_bar_is_pooled_in_float32_and_routing_is_the_same_under_bf16_autocast():
+    """§3.5: x is cast before it is pooled, so bf16 activations route exactly as their float32 values do."""
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(64, 16), 16, 4)
+    x = torch.randn(32, 50, 64).to(torch.bfloat16)  # bf16 activations, as a bf16 model makes
+    mask = random_mask(32, 50, torch.Generator().manual_seed(0))
+    exact = layer.route(x.float(), mask)  # the float32 values of the same activations
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = layer.route(x, mask)
+    for got, want in zip(routed, exact):
+        assert torch.equal(got, want)
+    m = mask.float() / mask.sum(1, keepdim=True)
+    x_bar_bf16 = torch.bmm(m[:, None].to(torch.bfloat16), x).squeeze(1).float()  # pooled in bf16, then cast
+    x_bar_fp32 = torch.bmm(m[:, None], x.float()).squeeze(1)
+    assert not torch.equal(x_bar_bf16, x_bar_fp32)  # so the order of cast and pooling is seen by the test
+
+
 def test_a_bf16_model_without_autocast_runs_and_routes_in_float32():
     torch.manual_seed(0)
     layer = MixLoRALinear(nn.Linear(32, 16), 16, 4).to(torch.bfloat16)
     y = layer(torch.randn(3, 5, 32, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and layer.last_routing.gate_a.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [lambda base, **kw: LoRALinear(base, 4, **kw),
+                                  lambda base, **kw: MixLoRALinear(base, 16, 4, **kw)], ids=["lora", "mixlora"])
+def test_adapters_on_a_half_precision_base_are_float32_unless_upcast_is_off(make, dtype):
+    """PEFT's autocast_adapter_dtype: float32 pools and routers train; x goes in as float32, y comes out as the base's."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16, dtype=dtype)
+    layer = make(base)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    assert {t.dtype for n, t in layer.state_dict().items() if not n.startswith("base.")} == {torch.float32}
+    x = torch.randn(3, 5, 32, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    x32 = x.detach().float()
+    delta = layer.scaling * (x32 @ layer.lora_A.T @ layer.lora_B.T if isinstance(layer, LoRALinear) else
+                             torch.bmm(torch.bmm(x32, layer.factors(layer.last_routing)[0].transpose(1, 2)),
+                                       layer.factors(layer.last_routing)[1]))
+    assert y.dtype == dtype and torch.equal(y, base(x) + delta.to(dtype))
+    y.float().square().sum().backward()
+    assert x.grad.dtype == dtype and layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast still runs the adapter's matmuls in bf16
+        assert layer(x).dtype == torch.bfloat16
+    kept = make(nn.Linear(32, 16, dtype=dtype), upcast=False)
+    assert {t.dtype for n, t in kept.state_dict().items()} == {dtype} and kept(x).dtype == dtype
+    wide = make(nn.Linear(32, 16, dtype=F64))  # float32 "at least": a float64 base keeps float64 adapters
+    assert {t.dtype for t in wide.state_dict().values()} == {F64}
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -446,6 +494,8 @@ def test_bad_inputs_raise_with_what_is_expected():
     empty[1] = False
     with pytest.raises(ValueError, match=r"instance\(s\) \[1\]"):
         layer(x, empty)
+    with pytest.raises(ValueError, match=r"instance\(s\) \[1\]"):  # routing_mask checks it, once for all layers
+        routing_mask(layer, empty).__enter__()
     with pytest.raises(ValueError, match=r"\(\.\.\., 5\)"):
         LoRALinear(nn.Linear(5, 2), 2)(torch.randn(3, 4))
 
@@ -552,6 +602,107 @@ def test_mismatched_adapter_checkpoints_say_what_differs():
         load_adapter_state_dict(add_mixlora(tiny_model(), ["q_proj"], 6, 2, conditional=False), state)
     with pytest.raises(ValueError, match=r"missing: 0\.v_proj\.lora_A"):
         load_adapter_state_dict(add_mixlora(tiny_model(), ["q_proj", "v_proj"], 6, 2), state)
+
+
+def mixed_adapters(**mixlora) -> nn.Module:
+    """LoRA on the first block's q_proj, MixLoRA on every v_proj, random b-pools: two groups to save."""
+    model = add_lora(tiny_model(), ["0.q_proj"], rank=2, alpha=3.0, dropout=0.1)
+    add_mixlora(model, ["v_proj"], num_factors=6, rank=2, **mixlora)
+    with torch.no_grad():
+        for name, t in adapter_state_dict(model).items():
+            t.normal_()
+    return model
+
+
+def without_safetensors(monkeypatch):
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # import safetensors.torch now raises ImportError
+
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "torch.save"])
+@pytest.mark.parametrize("mixlora", [dict(), dict(scores="sigmoid", conditional=False, router_grad=False),
+                                     dict(cfs_weight=0.5, alpha=4.0, upcast=False)], ids=["defaults", "ifs-frozen-sigmoid", "cfs0.5"])
+def test_saved_adapters_load_onto_a_fresh_base_with_their_config(tmp_path, monkeypatch, mixlora, safetensors):
+    if safetensors:
+        pytest.importorskip("safetensors")
+    else:
+        without_safetensors(monkeypatch)
+    trained = mixed_adapters(**mixlora)
+    save_adapters(trained, tmp_path / "adapters")
+    files = {p.name for p in (tmp_path / "adapters").iterdir()}
+    assert files == {"adapter_config.json", "adapter_model." + ("safetensors" if safetensors else "pt")}
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert "peft_type" not in config and config["format_version"] == 1
+    lora, mix = config["adapters"]
+    assert lora == dict(method="lora", rank=2, alpha=3.0, dropout=0.1, upcast=True, modules=["0.q_proj"])
+    assert mix == dict(method="mixlora", num_factors=6, rank=2, alpha=mixlora.get("alpha", 2), dropout=0.0,
+                       conditional=mixlora.get("conditional", True), cfs_weight=mixlora.get("cfs_weight", 1.0),
+                       router_grad=mixlora.get("router_grad", True), scores=mixlora.get("scores", "softmax"),
+                       upcast=mixlora.get("upcast", True), modules=["0.v_proj", "1.v_proj"])
+    fresh = tiny_model()
+    assert load_adapters(fresh, tmp_path / "adapters") is fresh
+    assert [(n, type(m)) for n, m in fresh.named_modules()] == [(n, type(m)) for n, m in trained.named_modules()]
+    assert str(fresh) == str(trained)
+    expected = adapter_state_dict(trained)
+    assert all(torch.equal(t, expected[k]) for k, t in adapter_state_dict(fresh).items())
+    assert all(isinstance(t, nn.Parameter) == mixlora.get("router_grad", True)
+               for k, t in fresh[0].v_proj.named_parameters(recurse=False) if "router" in k)
+    x = torch.randn(3, 4, 8)
+    assert torch.equal(fresh.eval()(x), trained.eval()(x))
+    save_adapters(fresh, tmp_path / "adapters")  # again, into the same directory: the save it replaces is gone
+    assert {p.name for p in (tmp_path / "adapters").iterdir()} == files
+
+
+def test_save_adapters_writes_the_tensors_it_is_given_for_a_sharded_model(tmp_path):
+    """A sharded model (FSDP, ZeRO-3) holds pieces of its adapters: the caller gathers them and passes them in."""
+    full = mixed_adapters()
+    sharded = copy.deepcopy(full)
+    with torch.no_grad():
+        for t in adapter_state_dict(sharded).values():
+            t.zero_()  # what this process holds is not what was trained
+    save_adapters(sharded, tmp_path / "adapters", tensors=adapter_state_dict(full))
+    fresh = load_adapters(tiny_model(), tmp_path / "adapters")
+    expected = adapter_state_dict(full)
+    assert all(torch.equal(t, expected[k]) for k, t in adapter_state_dict(fresh).items())
+    missing = dict(list(expected.items())[1:])
+    with pytest.raises(ValueError, match=r"tensors must have adapter_state_dict\(model\)'s 12 keys; got 11 keys, 1 of"):
+        save_adapters(sharded, tmp_path / "other", tensors=missing)
+    assert not (tmp_path / "other").exists()
+
+
+def test_loading_adapters_refuses_what_does_not_fit_in_one_line(tmp_path, monkeypatch):
+    directory = tmp_path / "adapters"
+    save_adapters(mixed_adapters(), directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+
+    def refused(model, match, **changes):
+        (directory / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(ValueError, match=match) as error:
+            load_adapters(model, directory)
+        assert "\n" not in str(error.value)
+        assert not any(isinstance(m, (LoRALinear, MixLoRALinear)) for m in model.modules())  # checked, then changed
+
+    refused(nn.Sequential(Block(), Block(d=6)), r"1\.v_proj maps 6 -> 6 features in this Sequential but 8 -> 8 in the adapters")
+    refused(nn.Sequential(Block()), r"sit on '1\.v_proj', which this Sequential does not have")
+    refused(tiny_model(), r"format version 2; this mixlora.py reads up to 1: update", format_version=2)
+    unknown = [dict(config["adapters"][0], method="dora"), config["adapters"][1]]
+    refused(tiny_model(), r"unknown method 'dora'; this mixlora.py knows 'lora', 'mixlora'", adapters=unknown)
+    peft = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(peft))
+    with pytest.raises(ValueError, match=r"not a MixLoRA adapter config \(peft_type LORA: a PEFT adapter"):
+        load_adapters(tiny_model(), directory)
+    with pytest.raises(ValueError, match=r"already has an adapter"):
+        save_adapters(mixed_adapters(), directory)
+        load_adapters(mixed_adapters(), directory)
+    with pytest.raises(ValueError, match=r"adapter_config.json not found: save_adapters writes it"):
+        load_adapters(tiny_model(), tmp_path)
+    with pytest.raises(ValueError, match=r"has no adapters to save"):
+        save_adapters(tiny_model(), tmp_path / "none")
+    if importlib.util.find_spec("safetensors"):
+        save_adapters(mixed_adapters(), directory)
+        without_safetensors(monkeypatch)
+        with pytest.raises(ValueError, match=r"adapter_model.safetensors needs the safetensors package"):
+            load_adapters(tiny_model(), directory)
 
 
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------------

@@ -6,12 +6,13 @@ add LoRA or MixLoRA at the same rank to every linear layer of the LM, train only
 adapters on the multi-task mixture, with the same steps, data order, lr schedule and seed
 for every method. Then evaluate exact-match accuracy per task by greedy generation, on seen
 and on held-out instruction templates, print a table like the paper's Table 1, and save it
-with the raw numbers under runs/.
+with the raw numbers under runs/; each run's adapters go to checkpoints/NAME/ (save_adapters).
 
     python train_toy.py                                  # base + LoRA r=4 + MixLoRA E=16 r=4
     python train_toy.py --methods mixlora --factors 32 --rank 8 --no-cfs
     python train_toy.py --methods mixlora --scores sigmoid   # per-factor sigmoid router scores
     python train_toy.py --quick                          # a smoke run of a few seconds
+    python train_toy.py --device cuda --compile          # a GPU: bf16 autocast, the training step compiled
     torchrun --nproc_per_node=4 train_toy.py             # the same run on 4 GPUs (or CPU processes)
 
 Under torchrun every process trains a DistributedDataParallel copy on its own shard of each
@@ -28,7 +29,9 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -38,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import toy_tasks
 from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
-                     mark_only_adapters_trainable, save_atomically)
+                     mark_only_adapters_trainable, save_adapters, save_atomically)
 from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer, answer_mask
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # every LM linear
@@ -56,7 +59,7 @@ class Config:
     conditional: bool = True  # CFS; False: IFS only (λ = 0, no W^CFS)
     router_grad: bool = True  # False: routers frozen at their random init (the released code)
     scores: str = "softmax"  # MixLoRA's router scores: "softmax" (the paper) or "sigmoid"
-    alpha: float | None = None  # the adapters' α (scale α/r); None: 2r
+    scaling: float = 2.0  # the adapters' scale α/r: α = 2r at every rank (mixlora's own default is α = r)
     train_projector: bool = False  # also train the projector (LLaVA's recipe)
     targets: tuple[str, ...] = TARGETS  # the LM linears that get adapters
     router_lr: float = 1.0  # the routers' learning rate, as a multiple of lr (Poly trains its routing faster)
@@ -70,14 +73,17 @@ class Config:
     quick: bool = False  # the smoke-test model
     # Where and how to run, not what: not part of the recipe a checkpoint records.
     device: str = "cpu"
+    compile: bool = False  # torch.compile the training step's model
+    data_workers: int | None = None  # processes drawing batches ahead of the step; None: data_workers()
     eval_size: int = 100  # examples per task and template split
     resume: bool = False  # continue from this run's last checkpoint
     out: str = "runs"
     checkpoints: str = "checkpoints"
 
     @property
-    def scale_alpha(self) -> float:
-        return 2.0 * self.rank if self.alpha is None else self.alpha
+    def alpha(self) -> float:
+        """The α that adapt() passes to mixlora, always explicitly: scaling · r."""
+        return self.scaling * self.rank
 
 
 DEFAULT_LR = Config.lr
@@ -111,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--eval-size", type=cli.at_least(1), default=Config.eval_size, help="examples per task and template split")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (evaluation stays eager)")
+    p.add_argument("--data-workers", type=cli.at_least(0), default=None,
+                   help="processes that draw batches ahead of the step (default: the cores training leaves spare; 0: inline)")
     p.add_argument("--resume", action="store_true", help="continue from this run's last checkpoint")
     p.add_argument("--out", default=Config.out, help="where the table and the JSON go")
     p.add_argument("--checkpoints", default=Config.checkpoints)
@@ -129,10 +138,12 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     if a.batch_size % world:
         p.error(f"argument --batch-size: {a.batch_size} is the global batch; it must divide evenly "
                 f"over the {world} processes")
+    scaling = Config.scaling if a.alpha is None else a.alpha / a.rank  # --alpha is α; a Config keeps α/r
     config = Config(rank=a.rank, factors=a.factors, conditional=not a.no_cfs, router_grad=not a.frozen_routers,
-                    scores=a.scores, alpha=a.alpha, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
+                    scores=a.scores, scaling=scaling, train_projector=a.train_projector, tasks=tasks, steps=a.steps,
                     base_steps=a.base_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                    eval_size=a.eval_size, resume=a.resume, out=a.out, checkpoints=a.checkpoints)
+                    compile=a.compile, data_workers=a.data_workers, eval_size=a.eval_size, resume=a.resume,
+                    out=a.out, checkpoints=a.checkpoints)
     config = quick(config) if a.quick else config
     return [replace(config, method=method) for method in methods]
 
@@ -167,6 +178,46 @@ def collate(examples: list[toy_tasks.Example], tok: Tokenizer, device: torch.dev
         row[:len(text)] = torch.tensor(text)
     images = torch.from_numpy(np.stack([e.image for e in examples])).permute(0, 3, 1, 2).float() / 255
     return images.to(device), tokens.to(device), torch.tensor([len(p) for p in prompts]).to(device)
+
+
+def training_batch(stage: str, seed: int, batch_size: int, rank: int, world: int, tasks: list[toy_tasks.Task],
+                   step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's batch (this process's shard), collated on the CPU."""
+    return collate(training_examples(stage, seed, step, batch_size, rank, world, tasks), TOK, torch.device("cpu"))
+
+
+def evaluation_batch(sets: dict, tok: Tokenizer, batch_size: int, key: tuple[str, str, int]) -> tuple[torch.Tensor, ...]:
+    """The chunk of set (task, split) that starts at example i, collated on the CPU, prompts only."""
+    task, split, i = key
+    return collate(sets[task, split][i:i + batch_size], tok, torch.device("cpu"), with_answer=False)
+
+
+def data_workers(device: torch.device, world: int = 1) -> int:
+    """Processes that draw batches ahead of each of `world` training processes on device: the cores it leaves
+    spare, at most 8 (0: draw them inline). A GPU's process keeps one core busy; a CPU's its torch threads,
+    whose kernels slow down when another process takes their cores. Drawing 64 examples with pillow takes
+    ~35 ms, a GPU's toy step a few."""
+    busy = torch.get_num_threads() if device.type == "cpu" else 1
+    return min(8, max(0, (os.cpu_count() or 1) // world - busy))
+
+
+class _Calls(torch.utils.data.Dataset):
+    """fn(item) for an item a DataLoader's sampler hands out."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __getitem__(self, item):
+        return self.fn(item)
+
+
+def prefetch(fn: Callable, items: Iterable, workers: int, pin_memory: bool = False) -> Iterator:
+    """fn(item) for every item, in order, computed ahead of the loop that reads them by `workers` processes
+    (inline where 0). fn must be deterministic in its item, so that the results are those of the loop
+    calling it itself. Its own generator: the loader does not draw from the global torch RNG."""
+    return iter(torch.utils.data.DataLoader(
+        _Calls(fn), batch_size=None, sampler=list(items), num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, generator=torch.Generator()))
 
 
 def training_examples(stage: str, seed: int, step: int, batch_size: int, rank: int = 0, world: int = 1,
@@ -250,7 +301,15 @@ def load_trainable_state(model: TinyMLLM, stage: str, state: dict[str, torch.Ten
 
 def recipe(config: Config) -> dict:
     """The settings a checkpoint's training depends on: a resume must use the same."""
-    return {k: v for k, v in asdict(config).items() if k not in ("device", "eval_size", "resume", "out", "checkpoints")}
+    return {k: v for k, v in asdict(config).items()
+            if k not in ("device", "compile", "data_workers", "eval_size", "resume", "out", "checkpoints")}
+
+
+def numerics(config: Config) -> str:
+    """What changes a run's numbers besides its recipe: the device's kernels, with bf16 autocast on a GPU
+    (autocast() below), and torch.compile's fused kernels. "cpu-fp32", "cuda-bf16-compiled", ..."""
+    device = torch.device(config.device).type
+    return f"{device}-{'bf16' if device == 'cuda' else 'fp32'}" + ("-compiled" if config.compile else "")
 
 
 def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | None = None) -> float:
@@ -266,6 +325,7 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
     # (pool rows no instance chose get zeros), so no find_unused_parameters. Buffers (frozen
     # routers) never change, so they need no broadcast.
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    forward = torch.compile(ddp) if config.compile else ddp  # one graph: the MixLoRA layers break none
     params = [p for p in model.parameters() if p.requires_grad]
     routers = {id(p) for n, p in model.named_parameters() if ".router_" in n}  # lr × config.router_lr
     groups = [{"params": params, "scale": 1.0}] if config.router_lr == 1.0 else [
@@ -274,27 +334,37 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     start = 0
     if config.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
         if saved["recipe"] != recipe(config):
             raise SystemExit(f"error: {ckpt} was written with other settings {saved['recipe']}; "
                              f"resume with those, or delete it to start over")
         load_trainable_state(model, stage, saved["trainable"])
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"]["cpu"])
-        if device.type == "cuda":
+        if device.type == "cuda" and "cuda" in saved["rng"]:
             torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
         start = saved["step"]
         if rank == 0:
             print(f"[{name}] resumed from {ckpt} at step {start}/{steps}")
+            written = saved.get("numerics", "cuda-bf16" if "cuda" in saved["rng"] else "cpu-fp32")
+            if written != numerics(config):  # the same weights and optimizer state, other kernels
+                print(f"[{name}] note: {ckpt} was written with {written} and resumes with {numerics(config)}: "
+                      f"from here its numbers differ from an uninterrupted run on either")
     model.train()
-    t0, last_print, tokens_seen = time.time(), 0.0, 0
+    # Batches drawn ahead of the step by worker processes where the device leaves cores spare: the
+    # same batches as drawn inline.
+    workers = data_workers(device, world) if config.data_workers is None else config.data_workers
+    batches = prefetch(partial(training_batch, stage, config.seed, config.batch_size, rank, world, tasks),
+                       range(start, until or steps), workers, pin_memory=device.type == "cuda")
+    t0, last_print, tokens_seen, waited = time.time(), 0.0, 0, 0.0
     for step in range(start, until or steps):
-        examples = training_examples(stage, config.seed, step, config.batch_size, rank, world, tasks)
-        images, tokens, prompt_lens = collate(examples, TOK, device)
+        wait = time.time()
+        images, tokens, prompt_lens = (t.to(device, non_blocking=True) for t in next(batches))
+        waited += time.time() - wait  # the step's time spent waiting for its data
         for group in opt.param_groups:
             group["lr"] = group["scale"] * lr_at(step, steps, lr)
         with autocast(device):
-            _, loss = ddp(images, tokens, prompt_lens)  # mean over this process's answer tokens
+            _, loss = forward(images, tokens, prompt_lens)  # mean over this process's answer tokens
         if world > 1:
             # The loss is a mean over the global batch's answer tokens, as on one process: weight
             # this shard's mean by its share of them (x world, since DDP averages gradients).
@@ -315,14 +385,14 @@ def train(model: TinyMLLM, stage: str, config: Config, ckpt: Path, until: int | 
             if device.type == "cuda":
                 rng_state["cuda"] = torch.cuda.get_rng_state(device)
             state = {"trainable": trainable_state(model, stage), "optimizer": opt.state_dict(),
-                     "step": done, "rng": rng_state, "recipe": recipe(config)}
+                     "step": done, "rng": rng_state, "recipe": recipe(config), "numerics": numerics(config)}
             save_atomically(lambda f: torch.save(state, f), ckpt)
         now = time.time()
         if rank == 0 and (now - last_print > 3 or done in (steps, until)):
             last_print, rate = now, tokens_seen / (now - t0)
             left = ((until or steps) - done) * (now - t0) / (done - start)
             print(f"[{name}] step {done}/{steps}  loss {global_loss.item():.4f}  {rate:,.0f} tok/s  "
-                  f"{int(left) // 60}m{int(left) % 60:02d}s left", flush=True)
+                  f"data wait {waited / (now - t0):.0%}  {int(left) // 60}m{int(left) % 60:02d}s left", flush=True)
     return time.time() - t0
 
 
@@ -331,16 +401,18 @@ def evaluate(model: TinyMLLM, tok: Tokenizer, sets: dict, batch_size: int = 256)
     """Exact-match accuracy (%) of greedy answers: {split: {task: accuracy}}."""
     device = next(model.parameters()).device
     model.eval()
+    keys = [(task, split, i) for (task, split), examples in sets.items() for i in range(0, len(examples), batch_size)]
+    batches = prefetch(partial(evaluation_batch, sets, tok, batch_size), keys, data_workers(device), device.type == "cuda")
+    correct = dict.fromkeys(sets, 0)
+    for task, split, i in keys:
+        images, prompts, prompt_lens = (t.to(device, non_blocking=True) for t in next(batches))
+        with autocast(device):
+            answers = model.generate(images, prompts, prompt_lens)
+        chunk = sets[task, split][i:i + batch_size]
+        correct[task, split] += sum(tok.decode(a.tolist()) == e.answer for a, e in zip(answers, chunk))
     results: dict[str, dict[str, float]] = {}
     for (task, split), examples in sets.items():
-        correct = 0
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            images, prompts, prompt_lens = collate(chunk, tok, device, with_answer=False)
-            with autocast(device):
-                answers = model.generate(images, prompts, prompt_lens)
-            correct += sum(tok.decode(a.tolist()) == e.answer for a, e in zip(answers, chunk))
-        results.setdefault(split, {})[task] = 100.0 * correct / len(examples)
+        results.setdefault(split, {})[task] = 100.0 * correct[task, split] / len(examples)
     return results
 
 
@@ -351,7 +423,8 @@ def base_model(config: Config, rank: int = 0) -> tuple[TinyMLLM, Path]:
     model_cfg = model_config(len(TOK), config.quick)
     torch.manual_seed(config.seed)
     model = TinyMLLM(model_cfg).to(config.device)
-    tag = f"base-{'quick' if config.quick else 'full'}-s{config.seed}-steps{config.base_steps}-bs{config.batch_size}"
+    tag = (f"base-{'quick' if config.quick else 'full'}-s{config.seed}-steps{config.base_steps}-bs{config.batch_size}"
+           f"-{numerics(config)}")  # other kernels, other weights
     path = Path(config.checkpoints) / f"{tag}.pt"
     if path.exists():
         saved = torch.load(path, map_location=config.device, weights_only=True)
@@ -383,19 +456,19 @@ def run_name(config: Config) -> str:
     name += "-on-" + "+".join(c.targets) if c.targets != TARGETS else ""
     name += f"-routerlr{c.router_lr:g}" if c.router_lr != 1.0 else ""
     name += f"-lr{c.lr:g}" if c.lr != DEFAULT_LR else ""
-    name += f"-alpha{c.alpha:g}" if c.scale_alpha != 2 * c.rank else ""
+    name += f"-alpha{c.alpha:g}" if c.scaling != Config.scaling else ""
     name += f"-K{c.conflict[0]}-conflict{c.conflict[1]:g}" if c.conflict else ""
     return name + f"-s{c.seed}-steps{c.steps}" + ("-quick" if c.quick else "")
 
 
 def adapt(model: TinyMLLM, config: Config) -> TinyMLLM:
-    """Stage 2's model: the frozen base with adapters on every LM linear layer (α = 2r for both
-    unless config.alpha says otherwise)."""
+    """Stage 2's model: the frozen base with adapters on every LM linear layer, at α = config.alpha
+    (2r for both unless --alpha says otherwise)."""
     torch.manual_seed(config.seed + 1)  # the same adapter init for every run of a seed
     if config.method == "lora":
-        add_lora(model, config.targets, config.rank, alpha=config.scale_alpha)
+        add_lora(model, config.targets, config.rank, alpha=config.alpha)
     elif config.method == "mixlora":
-        add_mixlora(model, config.targets, config.factors, config.rank, alpha=config.scale_alpha,
+        add_mixlora(model, config.targets, config.factors, config.rank, alpha=config.alpha,
                     conditional=config.conditional, router_grad=config.router_grad, scores=config.scores)
     else:
         raise ValueError(f"unknown method {config.method!r}; expected one of {', '.join(METHODS)}")
@@ -448,6 +521,7 @@ def run(configs: list[Config], rank: int, world: int) -> dict | None:
         seconds = train(model, "instruct", config, Path(config.checkpoints) / f"{name}.ckpt")
         if rank != 0:
             continue  # rank 0 evaluates; the others wait for it in the next training step
+        save_adapters(model, Path(config.checkpoints) / name)  # load_adapters(base, that directory) rebuilds it
         rows.append({"label": label(config), "name": name, "factors": "-" if config.method == "lora" else config.factors,
                      "rank": config.rank, "accuracy": evaluate(model, TOK, sets), "train_seconds": seconds,
                      "adapter_parameters": sum(v.numel() for v in adapter_state_dict(model).values()),

@@ -254,7 +254,7 @@ def merge(runs: list[dict]) -> dict:
 LEARNING_RATES = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
 TUNED = [("LoRA r=4", dict(method="lora")),
          ("MixLoRA E=16 r=4", dict(method="mixlora")),
-         ("MixLoRA E=16 r=4, α=2E", dict(method="mixlora", alpha=32.0)),  # the released scale
+         ("MixLoRA E=16 r=4, α=2E", dict(method="mixlora", scaling=8.0)),  # α = 2E = 32 at r = 4: the released scale
          ("MixLoRA E=16 r=4, sigmoid scores", dict(method="mixlora", scores="sigmoid"))]
 
 

@@ -11,15 +11,22 @@ cache vs re-reading the whole sequence at every step. Prints median times, memor
     python -m experiments.bench --device cuda --dtype bf16   # GPU: CUDA events, bf16 autocast
     python -m experiments.bench --quick                      # a seconds-long smoke run
     python -m experiments.bench --only generation            # just the generation table
+    python -m experiments.bench --only tiny --compile        # the tiny model's step, eager and compiled (minutes)
+    python -m experiments.bench --only data                  # the share of a step spent waiting for data
 
 Memory: on a GPU, the peak allocated during the step; on the CPU (no allocator statistics),
-the bytes of the tensors autograd saves for backward, each storage counted once.
+the bytes of the tensors autograd saves for backward, each storage counted once (not measured for
+compiled steps). Operators: the aten ops torch.profiler records in one training step of the tiny
+model (nested ones included), by phase: on a GPU a model of width 128 is bound by their launches.
 """
 
+import math
 import statistics
+import tempfile
 import time
 from dataclasses import replace
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -78,9 +85,9 @@ def memory_mib(fn, device: torch.device, params: list[torch.Tensor]) -> float:
 
 
 def measure(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-            params: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """Median ms and MiB of each variant. Rounds interleave the variants, so that a change in the
-    machine's load hits all of them alike."""
+            params: list[torch.Tensor], no_memory: Sequence[str] = ()) -> dict[str, tuple[float, float]]:
+    """Median ms and MiB (nan for the variants in no_memory) of each variant. Rounds interleave the
+    variants, so that a change in the machine's load hits all of them alike."""
     for fn in fns.values():
         for _ in range(3):
             fn()
@@ -88,7 +95,8 @@ def measure(fns: dict[str, Callable[[], None]], device: torch.device, repeats: i
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(wall_ms(fn, device))
-    return {name: (statistics.median(times[name]), memory_mib(fn, device, params)) for name, fn in fns.items()}
+    return {name: (statistics.median(times[name]), math.nan if name in no_memory else memory_mib(fn, device, params))
+            for name, fn in fns.items()}
 
 
 def layer_rows(N: int, T: int, d: int, E: int, r: int, device: torch.device, dtype: str, repeats: int) -> list[tuple]:
@@ -120,29 +128,70 @@ def layer_rows(N: int, T: int, d: int, E: int, r: int, device: torch.device, dty
     return [((N, T, d), name, *results[name]) for name, _ in variants]
 
 
-def tiny_model_rows(device: torch.device, dtype: str, repeats: int, quick: bool) -> list[tuple]:
-    """A whole stage-2 training step of the toy model (forward, backward, AdamW)."""
+def tiny_model_steps(device: torch.device, dtype: str, quick: bool, compiled: bool = False) -> dict[str, tuple]:
+    """A stage-2 training step of the toy model for LoRA and MixLoRA, each as (forward, backward, AdamW step)
+    closures over its own model and one fixed batch; compiled: the model through torch.compile."""
     config = train_toy.quick(Config()) if quick else Config()
     batch = train_toy.collate(train_toy.training_examples("instruct", 0, 0, config.batch_size), TOK, device)
     cast = train_toy.autocast(device, dtype == "bf16")
-    steps, params = {}, []
+    steps = {}
     for method in ("lora", "mixlora"):
         torch.manual_seed(0)
         model = TinyMLLM(train_toy.model_config(len(TOK), quick)).to(device)
         model = train_toy.adapt(model, replace(config, method=method))
+        forward = torch.compile(model) if compiled else model
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        loss = []
 
-        def step(model=model, opt=opt):
+        def forward_pass(forward=forward, loss=loss):
             with cast:
-                _, loss = model(*batch)
+                loss[:] = [forward(*batch)[1]]
+
+        def backward(loss=loss, opt=opt):
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss.pop().backward()
 
         name = f"LoRA r={config.rank}" if method == "lora" else f"MixLoRA E={config.factors} r={config.rank}"
-        steps[name], params = step, params + list(model.parameters())
-    results = measure(steps, device, repeats, params)
-    return [(f"tiny model, batch {config.batch_size}", name, *results[name]) for name in steps]
+        steps[name] = (forward_pass, backward, opt.step, list(model.parameters()))
+    return steps
+
+
+def tiny_model_rows(device: torch.device, dtype: str, repeats: int, quick: bool, compile: bool) -> list[tuple]:
+    """A whole stage-2 training step of the toy model (forward, backward, AdamW), eager (and compiled)."""
+    batch_size = (train_toy.quick(Config()) if quick else Config()).batch_size
+    fns, params = {}, []
+    for suffix in ("", ", compiled") if compile else ("",):
+        for name, (*phases, model_params) in tiny_model_steps(device, dtype, quick, compiled=bool(suffix)).items():
+            fns[f"tiny model, batch {batch_size}{suffix}", name] = lambda phases=phases: [f() for f in phases]
+            params += model_params
+    results = measure(fns, device, repeats, params, no_memory=[key for key in fns if key[0].endswith("compiled")])
+    return [(shape, name, *results[shape, name]) for shape, name in fns]
+
+
+def op_counts(device: torch.device, dtype: str, quick: bool, compiled: bool = False) -> dict[str, dict[str, int]]:
+    """The aten ops torch.profiler records in each phase of one training step (after a warm-up step)."""
+    counts = {}
+    for name, (*phases, _) in tiny_model_steps(device, dtype, quick, compiled).items():
+        for phase in phases:
+            phase()
+        counts[name] = {}
+        for label, phase in zip(("forward", "backward", "AdamW"), phases):
+            with torch.profiler.profile() as prof:
+                phase()
+            counts[name][label] = sum(e.name.startswith("aten::") for e in prof.events())
+    return counts
+
+
+def data_wait(device: torch.device, steps: int = 30) -> None:
+    """train_toy's stage-2 loop (MixLoRA, from a random base) for `steps` steps, its batches drawn inline
+    (as before the loader) and by the workers it starts by default (at least one): the log's last line
+    says which share of the time the loop spent waiting for data."""
+    for workers in (0, max(1, train_toy.data_workers(device))):
+        config = replace(Config(), steps=steps, data_workers=workers, device=str(device), checkpoints=tempfile.mkdtemp())
+        torch.manual_seed(0)
+        model = train_toy.adapt(TinyMLLM(train_toy.model_config(len(TOK), False)).to(device), config)
+        print(f"\n{workers} data worker(s), {torch.get_num_threads()} torch thread(s):")
+        train_toy.train(model, "instruct", config, Path(config.checkpoints) / "data-wait.ckpt")
 
 
 def generation_rows(device: torch.device, dtype: str, repeats: int, quick: bool) -> list[tuple]:
@@ -164,7 +213,7 @@ def generation_rows(device: torch.device, dtype: str, repeats: int, quick: bool)
     return rows
 
 
-def main(argv: list[str] | None = None) -> tuple[list[tuple], list[tuple]]:
+def main(argv: list[str] | None = None) -> tuple[list[tuple], dict, list[tuple]]:
     p = cli.parser(__doc__)
     p.add_argument("--device", type=cli.device, default="cpu", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -172,22 +221,32 @@ def main(argv: list[str] | None = None) -> tuple[list[tuple], list[tuple]]:
     p.add_argument("--rank", type=cli.at_least(1), default=8, help="r")
     p.add_argument("--repeats", type=cli.at_least(1), default=20)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
-    p.add_argument("--only", choices=["training", "generation"], help="one of the two tables (default: both)")
+    p.add_argument("--only", choices=["training", "tiny", "generation", "data"],
+                   help="training: layers and the tiny model's step; tiny: its step alone; "
+                        "data: time waiting for data (default: all but data)")
+    p.add_argument("--compile", action="store_true", help="the tiny model's step through torch.compile too")
     args = p.parse_args(argv)
     if args.factors < args.rank:
         p.error(f"argument --factors: expected E >= --rank {args.rank}, got {args.factors}")
     device = torch.device(args.device)
     repeats = 2 if args.quick else args.repeats
-    rows, generation = [], []
-    if args.only != "generation":
+    rows, ops, generation = [], {}, []
+    if args.only in (None, "training"):
         shapes = [(4, 16, 64)] if args.quick else USER_SHAPES
         rows = [row for N, T, d in shapes for row in layer_rows(N, T, d, args.factors, args.rank, device, args.dtype, repeats)]
-        rows += tiny_model_rows(device, args.dtype, repeats, args.quick)
+    if args.only in (None, "training", "tiny"):
+        rows += tiny_model_rows(device, args.dtype, repeats, args.quick, args.compile)
         print_training(rows, device, args.dtype, repeats)
-    if args.only != "training":
+        ops = {"eager": op_counts(device, args.dtype, args.quick)}
+        if args.compile:
+            ops["compiled"] = op_counts(device, args.dtype, args.quick, compiled=True)
+        print_ops(ops, device, args.dtype, args.quick)
+    if args.only in (None, "generation"):
         generation = generation_rows(device, args.dtype, repeats, args.quick)
         print_generation(generation, device, args.dtype, repeats)
-    return rows, generation
+    if args.only == "data":
+        data_wait(device, steps=4 if args.quick else 30)
+    return rows, ops, generation
 
 
 def print_training(rows: list[tuple], device: torch.device, dtype: str, repeats: int) -> None:
@@ -208,6 +267,19 @@ def print_training(rows: list[tuple], device: torch.device, dtype: str, repeats:
         if (shape, "per-instance") in by:
             line += f"; per-instance ΔW/MixLoRA {by[shape, 'per-instance'][0] / mix[0]:.2f} time"
         print(line)
+
+
+def print_ops(ops: dict[str, dict[str, dict[str, int]]], device: torch.device, dtype: str, quick: bool) -> None:
+    batch = (train_toy.quick(Config()) if quick else Config()).batch_size
+    print(f"\naten ops in one training step of the tiny model (torch.profiler, nested ops included), batch {batch}, "
+          f"{device} {dtype}\n")
+    print("| | phase | " + " | ".join(next(iter(ops.values()))) + " | MixLoRA / LoRA |")
+    print("|---|---|---|---|---|")
+    for mode, counts in ops.items():
+        lora, mix = ({**c, "forward + backward": c["forward"] + c["backward"], "step": sum(c.values())}
+                     for c in counts.values())
+        for phase in ("forward", "backward", "forward + backward", "AdamW", "step"):
+            print(f"| {mode} | {phase} | {lora[phase]:,} | {mix[phase]:,} | {mix[phase] / lora[phase]:.2f} |")
 
 
 def print_generation(generation: list[tuple], device: torch.device, dtype: str, repeats: int) -> None:

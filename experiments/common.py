@@ -1,13 +1,14 @@
-"""What the experiments share, each job in one place: the cached stage-2 run and its accuracy,
-the oracle, the measures of routing and of gradient conflict, and the pictures' drawing kit.
+"""What the experiments share, each job in one place: the caches, the cached stage-2 run and its
+accuracy, the oracle, the measures of routing and of gradient conflict, and the pictures' drawing kit.
 
 Every experiment on the tiny model builds its runs from one train_toy.Config with
 dataclasses.replace, and starts them from the same stage-1 base (seed 0): the run's own seed sets
 the adapter init and the data order, so methods and seeds differ in stage 2 alone.
 """
 
+import hashlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,28 @@ from tiny_mllm import TinyMLLM, answer_losses
 from train_toy import TOK, Config
 
 Adapt = Callable[[TinyMLLM, Config], TinyMLLM]  # puts a run's adapters into the base (train_toy.adapt)
+
+# Every cached result and checkpoint of the experiments is keyed on this. Bump it with any change to
+# the code that moves a trained number (mixlora.py, the training in train_toy.py, tiny_mllm.py,
+# toy_tasks.py, the routers of the experiments), so that no result of older code is read back.
+# 1: up to 9012a79~1. 2: routing reads x and the a-pool detached (9012a79), which moved MixLoRA's numbers.
+METHOD_VERSION = 2
+
+
+# ---- caches -------------------------------------------------------------------------------------
+
+def digest(**key) -> str:
+    """16 hex digits of the SHA-256 of key (JSON) and METHOD_VERSION: the name of what it was computed from."""
+    text = json.dumps(key | {"method_version": METHOD_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_file(out: str | Path, name: str, config: Config, **more) -> Path:
+    """Where a result of config is cached: <out>/cache/<name>-<digest>.json, keyed on the full config
+    (less where files go and whether a run resumes, which change no number), METHOD_VERSION and `more`
+    (whatever else the result depends on). Other settings or older code: another file, computed anew."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("resume", "out", "checkpoints")}
+    return Path(out) / "cache" / f"{name}-{digest(config=settings, **more)}.json"
 
 
 # ---- runs ---------------------------------------------------------------------------------------
@@ -43,25 +66,24 @@ def untrained(config: Config, adapt: Adapt = train_toy.adapt) -> TinyMLLM:
 
 def trained(config: Config, adapt: Adapt = train_toy.adapt, until: int | None = None) -> TinyMLLM:
     """Stage 2 of one run on the shared stage-1 base, in eval mode. Its checkpoint lives under
-    <checkpoints>/experiments/: read back if it finished with this recipe, resumed if it was
-    killed, trained from the start otherwise. `until` stops at that step of the schedule."""
+    <checkpoints>/experiments/, named by its recipe and METHOD_VERSION: read back if it finished,
+    resumed if it was killed, trained from the start otherwise. `until` stops at that step."""
     model = untrained(config, adapt)
     name = train_toy.run_name(config) + (f"-until{until}" if until else "")
-    ckpt = Path(config.checkpoints) / "experiments" / f"{name}.ckpt"
+    ckpt = Path(config.checkpoints) / "experiments" / f"{name}-{digest(recipe=train_toy.recipe(config))}.ckpt"
     saved = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
-    same = saved is not None and saved["recipe"] == train_toy.recipe(config)
-    if same and saved["step"] == (until or config.steps):
+    if saved is not None and saved["step"] == (until or config.steps):
         train_toy.load_trainable_state(model, "instruct", saved["trainable"])
     else:
-        train_toy.train(model, "instruct", replace(config, resume=same), ckpt, until=until)
+        train_toy.train(model, "instruct", replace(config, resume=True), ckpt, until=until)  # from step 0 if none
     return model.eval()
 
 
 def accuracy(config: Config, sets: dict, key: str, out: str | Path, adapt: Adapt = train_toy.adapt,
              collapse_on: list[toy_tasks.Example] | None = None) -> dict:
-    """{split: {task: exact match %}} of one run on sets (and, given collapse_on, router_collapse
-    on those prompts), trained if need be, cached as <out>/cache/<run name>-<key>.json."""
-    cache = Path(out) / "cache" / f"{train_toy.run_name(config)}-{key}.json"
+    """{split: {task: exact match %}} of one run on sets, named by key (and, given collapse_on,
+    router_collapse on those prompts), trained if need be, cached (cache_file) on the config and key."""
+    cache = cache_file(out, f"{train_toy.run_name(config)}-{key}", config, sets=key, collapse=collapse_on is not None)
     if cache.exists():
         return json.loads(cache.read_text())
     model = trained(config, adapt)
@@ -87,8 +109,8 @@ class OracleRouting(MixLoRALinear):
     routing. Set .task (N,) before each forward.
     """
 
-    def __init__(self, base: nn.Linear, num_tasks: int, rank: int):
-        super().__init__(base, num_tasks * rank, rank, alpha=2 * rank, conditional=False, router_grad=False)
+    def __init__(self, base: nn.Linear, num_tasks: int, rank: int, alpha: float):
+        super().__init__(base, num_tasks * rank, rank, alpha, conditional=False, router_grad=False)
         self.task: Tensor | None = None
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
@@ -102,7 +124,7 @@ def add_oracle(model: TinyMLLM, config: Config) -> TinyMLLM:
     factors, told its instances' task by read_task."""
     tasks = list(train_toy.suite(config).values())
     torch.manual_seed(config.seed + 1)
-    replace_linears(model, config.targets, lambda base: OracleRouting(base, len(tasks), config.rank))
+    replace_linears(model, config.targets, lambda base: OracleRouting(base, len(tasks), config.rank, config.alpha))
     read_task(model, tasks, [m for m in model.modules() if isinstance(m, OracleRouting)])
     return mark_only_adapters_trainable(model)
 

@@ -188,7 +188,7 @@ def build(method: str, cfg: Config, base: nn.Linear) -> nn.Module:
         "MixLoRA sigmoid scores, IFS only": lambda: MixLoRALinear(base, E, q, alpha=2 * q, scores="sigmoid",
                                                                   conditional=False),
         "MixLoRA sigmoid scores, CFS softmax": lambda: SoftmaxCFS(base, E, q, alpha=2 * q, scores="sigmoid"),
-        "oracle routing": lambda: OracleRouting(base, cfg.num_tasks, q),
+        "oracle routing": lambda: OracleRouting(base, cfg.num_tasks, q, alpha=2 * q),
         "LoRA specialists r=q": lambda: Specialists(base, cfg.num_tasks, q),
     }[method]()
 

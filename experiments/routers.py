@@ -198,7 +198,7 @@ def variant(layer: type[MixLoRALinear], **extra) -> common.Adapt:
     def adapt(model: TinyMLLM, config: Config) -> TinyMLLM:
         torch.manual_seed(config.seed + 1)  # the same pools and routers at init as MixLoRA's of the seed
         replace_linears(model, config.targets, lambda base: layer(
-            base, config.factors, config.rank, alpha=config.scale_alpha, conditional=config.conditional,
+            base, config.factors, config.rank, alpha=config.alpha, conditional=config.conditional,
             router_grad=config.router_grad, scores=config.scores, **extra))
         return mark_only_adapters_trainable(model)
     return adapt
@@ -208,7 +208,7 @@ def task_table(model: TinyMLLM, config: Config) -> TinyMLLM:
     tasks = list(train_toy.suite(config).values())
     torch.manual_seed(config.seed + 1)
     replace_linears(model, config.targets, lambda base: TaskTable(
-        base, config.factors, config.rank, len(tasks), alpha=config.scale_alpha))
+        base, config.factors, config.rank, len(tasks), alpha=config.alpha))
     common.read_task(model, tasks, [m for m in model.modules() if isinstance(m, TaskTable)])
     return mark_only_adapters_trainable(model)
 
@@ -462,11 +462,11 @@ def along(config: Config, adapt: common.Adapt, steps: list[int]):
 def curve(label: str, config: Config, out: Path, points: int, train: bool = True) -> dict | None:
     """One run of `label` on one cell and seed, evaluated at `points` + 1 steps along its schedule:
     {"steps", "seen" and "heldout" (exact match % on the seen and the held-out phrasings), and for
-    routed runs "routing" per point (diagnose)}. Cached as
-    <out>/cache/<run name>-curve<points>.json; train=False returns None for a run not in the cache."""
+    routed runs "routing" per point (diagnose)}. Cached (common.cache_file) on the config, the label and
+    the points; train=False returns None for a run not in the cache."""
     changes, adapt = METHODS[label]
     config = replace(config, **changes)
-    cache = out / "cache" / f"{train_toy.run_name(config)}-curve{points}.json"
+    cache = common.cache_file(out, f"{train_toy.run_name(config)}-curve{points}", config, label=label, points=points)
     if cache.exists():
         return json.loads(cache.read_text())
     if not train:
@@ -602,7 +602,7 @@ def tables(results: dict) -> str:
         steps = next(iter(by_method.values()))[0]["steps"]
         lines += [f"### {key}: {steps[-1]} steps, evaluated every {steps[1]}", "",
                   "Steps to 90 % on the seen phrasings per seed (-: never), the final accuracy on the seen and "
-                  "the held-out phrasings (mean ± std over seeds; held-out: - where the cached run did not record it), "
+                  "the held-out phrasings (mean ± std over seeds), "
                   "and, at the end, per block: the probe's accuracy and within − between Jaccard "
                   "(mean over seeds), and the largest share of selections that changed over the last interval:", "",
                   "| method | seeds | steps to 90 % | final seen % | final held-out % | probe per block | within − between per block | changed |",
@@ -611,7 +611,7 @@ def tables(results: dict) -> str:
             seeds = ", ".join(str(r["seed"]) for r in runs)
             reach = " / ".join("-" if s is None else str(s) for s in map(steps_to, runs))
             final = cell([r["seen"][-1] for r in runs])
-            heldout = cell([r["heldout"][-1] for r in runs]) if all("heldout" in r for r in runs) else "-"
+            heldout = cell([r["heldout"][-1] for r in runs])
             if runs[0]["routing"]:
                 ends = [r["routing"][-1] for r in runs]
                 probe_cells = " · ".join(f"{v:.2f}" for v in np.mean([e["probe"] for e in ends], axis=0))
@@ -707,9 +707,10 @@ def main(argv: list[str] | None = None) -> dict:
                     curves.setdefault(label, []).append(run | {"seed": seed})
         if curves:  # (with --cached, a cell may have none)
             results["curves"][key] = curves
-            cache = out / "cache" / f"signal-{train_toy.run_name(replace(config, method='mixlora', seed=0))}.json"
+            signal_config, prompts = replace(config, method="mixlora", seed=0), 64 if args.quick else 512
+            cache = common.cache_file(out, f"signal-{train_toy.run_name(signal_config)}", signal_config, prompts=prompts)
             if not cache.exists() and not args.cached and config.conflict:  # (the phrasing: the conflict's templates)
-                cache.write_text(json.dumps(signal(replace(config, seed=0), prompts=64 if args.quick else 512)))
+                cache.write_text(json.dumps(signal(signal_config, prompts=prompts)))
             if cache.exists():
                 results.setdefault("signal", {})[key] = json.loads(cache.read_text())
     if not results["curves"]:  # --cached with an empty cache: keep the committed report

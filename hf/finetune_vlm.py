@@ -2,7 +2,7 @@
 through the Trainer, then answer prompts.
 
     python -m hf.finetune_vlm --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
-        --out runs/llava-mixlora                         # train: writes adapters.pt and adapters.json there
+        --out runs/llava-mixlora                         # train: writes save_adapters' directory and run.json there
     python -m hf.finetune_vlm --generate prompts.json --image-folder images --out runs/llava-mixlora
                                                          # answer: writes runs/llava-mixlora/answers.json
     torchrun --nproc_per_node 2 -m hf.finetune_vlm ...   # data parallel (DDP through accelerate; gloo on the CPU)
@@ -47,8 +47,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 import cli
-from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapter_state_dict,
-                     mark_only_adapters_trainable, routing_mask, save_atomically)
+from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapters, mark_only_adapters_trainable,
+                     routing_mask, save_adapters, save_atomically)
 
 # LLaVA v1's conversation, "USER: <image>\\n{question} ASSISTANT: {answer}</s>", as a chat template: for
 # checkpoints without one of their own (llava-1.5 in its original release, a model built from a config).
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="training records, LLaVA's conversation JSON")
     p.add_argument("--eval-data", help="records to report the loss on after training (routed on the prompt)")
     p.add_argument("--image-folder", help="root of the records' relative image paths (default: the JSON's folder)")
-    p.add_argument("--out", required=True, help="where adapters.pt, adapters.json and answers.json go")
+    p.add_argument("--out", required=True, help="where the adapters, run.json and answers.json go")
     p.add_argument("--generate", metavar="PROMPTS", help="answer these records with the adapters in --out")
     p.add_argument("--method", default="mixlora", choices=["lora", "mixlora"])
     p.add_argument("--factors", type=cli.at_least(1), default=16, help="E, MixLoRA's factors per pool (>= r)")
@@ -244,7 +244,7 @@ def language_model(model: PreTrainedModel) -> torch.nn.Module:
 
 
 def add_adapters(model: PreTrainedModel, config: dict) -> None:
-    """LoRA or MixLoRA on the LM's targets, as adapters.json describes them; ValueError names a bad target."""
+    """LoRA or MixLoRA on the LM's targets, as the flags say; ValueError names a bad target."""
     if config["method"] == "lora":
         add_lora(language_model(model), config["targets"], config["rank"], config["alpha"], config["dropout"])
     else:
@@ -256,10 +256,11 @@ def save_json(obj, path: Path) -> None:
     save_atomically(lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()), path)
 
 
-# save, saved_config and load are the script's only ways to the adapter files: swap these three to change format.
+# save, saved_config and load are the script's only ways to the files in --out.
 
 def save(model: PreTrainedModel, config: dict, out: Path, write: bool = True) -> None:
-    """adapters.pt (adapter_state_dict) and adapters.json (config: what rebuilds them, and the run's record).
+    """save_adapters' files (adapter_config.json and adapter_model.safetensors: what rebuilds the adapters), then
+    run.json (config: the base model's name in "model", "bf16", the flags and the run's record).
 
     Under FSDP and ZeRO-3 every process must call it: FSDP's adapter tensors are DTensors, which
     full_tensor() gathers; ZeRO-3's are empty partitions, which GatheredParameters gathers. The one
@@ -275,23 +276,26 @@ def save(model: PreTrainedModel, config: dict, out: Path, write: bool = True) ->
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
-    save_atomically(lambda f: torch.save(adapters, f), out / "adapters.pt")
-    save_json(config, out / "adapters.json")  # written last: its presence means a complete save
+    (out / "run.json").unlink(missing_ok=True)  # an earlier run's record must not vouch for this save
+    save_adapters(model, out, adapters)
+    save_json(config, out / "run.json")  # written last: its presence means a complete save
 
 
 def saved_config(out: Path) -> dict:
-    """The config save() wrote into out (the base model's name in "model", "bf16", the adapters' settings)."""
+    """The run.json save() wrote into out (the base model's name in "model", "bf16", the adapters' settings)."""
     try:
-        return json.loads((out / "adapters.json").read_text())
+        return json.loads((out / "run.json").read_text())
     except OSError:
-        raise InputError(f"{out / 'adapters.json'} not found: train into --out {out} first")
+        raise InputError(f"{out / 'run.json'} not found: train into --out {out} first")
 
 
 def load(model: PreTrainedModel, out: Path) -> dict:
-    """Put the adapters saved in out into model (the base they were trained on); returns their config."""
+    """Put the adapters saved in out onto model (the base they were trained on); returns the run's config."""
     config = saved_config(out)
-    add_adapters(model, config)
-    load_adapter_state_dict(model, torch.load(out / "adapters.pt", map_location="cpu", weights_only=True))
+    try:
+        load_adapters(model, out)  # the same add_lora / add_mixlora calls, then the tensors
+    except ValueError as e:  # another base model, or files this mixlora.py cannot read
+        raise InputError(" ".join(str(e).split())) from None  # one line, as every error here
     return config
 
 
@@ -310,11 +314,7 @@ def train(args: argparse.Namespace) -> PreTrainedModel:
         add_adapters(model, config)
     except ValueError as e:  # a target that matches nothing, or something that is not an nn.Linear
         raise InputError(f"argument --targets: {e}") from None
-    mark_only_adapters_trainable(model)
-    if args.bf16:  # AdamW on bfloat16 weights would lose small updates: the adapters stay in float32
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    mark_only_adapters_trainable(model)  # the adapters are float32 on a bfloat16 base too (add_mixlora's upcast)
     # Non-reentrant checkpointing (the reentrant kind would need the frozen embeddings' output to require
     # a gradient); transformers 5 renamed the option activation_checkpointing and made it the default.
     # Under FSDP, its own (per sharded unit) instead: the Trainer's would gather every unit's weights twice.
@@ -355,7 +355,7 @@ def generate(args: argparse.Namespace) -> list[dict]:
     processor = AutoProcessor.from_pretrained(args.model or config["model"])
     model = AutoModelForImageTextToText.from_pretrained(args.model or config["model"], dtype=dtype)
     load(model, out)
-    model.to(device, dtype).eval()
+    model.to(device).eval()  # not to dtype: the routers and pools stay float32, as they trained
     collate, tok = Collator(processor, train=False), processor.tokenizer
     # Stop at the checkpoint's end-of-turn token(s) and at EOS; never write an image placeholder.
     stop = model.generation_config.eos_token_id
@@ -366,7 +366,9 @@ def generate(args: argparse.Namespace) -> list[dict]:
         chunk = records[start:start + args.batch_size]
         batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in collate(chunk).items()}
         # The held-routing rule: the prefill routes on the prompt (not the padding), new tokens reuse it.
-        with routing_mask(model, batch["attention_mask"].bool()):
+        # --bf16 trained under autocast (float32 adapters, bfloat16 matmuls): generation computes as training did.
+        as_trained = torch.autocast(device.type, torch.bfloat16, enabled=config["bf16"])
+        with routing_mask(model, batch["attention_mask"].bool()), as_trained:
             new = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
                                  suppress_tokens=None if image_token is None else [image_token])

@@ -16,14 +16,16 @@ ENTRY_POINTS = {
     "experiments/routers.py": ("experiments.routers", "main", []),
     "hf/finetune_vlm.py": ("hf.finetune_vlm", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
     "hf/count_7b.py": ("hf.count_7b", "parse_args", []),
+    "hf/qlora_bench.py": ("hf.qlora_bench", "main", []),
 }
-NEEDS = {"hf/finetune_vlm.py": "transformers", "hf/count_7b.py": "transformers"}  # optional dependencies: skip without them
+NEEDS = {"hf/finetune_vlm.py": "transformers", "hf/count_7b.py": "transformers",  # optional: skip without them
+         "hf/qlora_bench.py": "transformers"}
 BAD = {  # every numeric and device flag of every entry point, with values out of range
     "train_toy.py": [("--rank", "0"), ("--factors", "0"), ("--steps", "0"), ("--base-steps", "-5"),
                      ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
                      ("--alpha", "0"), ("--seed", "-1"), ("--eval-size", "0"), ("--steps", "ten"),
                      ("--device", "tpu"), ("--methods", "dora"), ("--tasks", "colour,juggling"),
-                     ("--scores", "softmax2")] + NO_CUDA,
+                     ("--scores", "softmax2"), ("--data-workers", "-1")] + NO_CUDA,
     "experiments/analysis.py": [("--seeds", "0,-1"), ("--seeds", "0,x"), ("--tune-seeds", "-2"), ("--interference-lr", "0"),
                     ("--steps", "0"), ("--eval-size", "-1"), ("--device", "tpu")] + NO_CUDA,
     "experiments/mechanism.py": [("--seeds", "-1"), ("--seeds", "one")],
@@ -38,6 +40,7 @@ BAD = {  # every numeric and device flag of every entry point, with values out o
                           ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--max-new-tokens", "0"),
                           ("--method", "dora"), ("--scores", "softmax2"), ("--device", "tpu")] + NO_CUDA,
     "hf/count_7b.py": [("--factors", "0"), ("--rank", "0"), ("--rank", "two")],
+    "hf/qlora_bench.py": [("--steps", "0"), ("--bases", "float32,fp8")],
 }
 CASES = [(entry, flag, value) for entry, flags in BAD.items() for flag, value in flags]
 

@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
 from hf import finetune_vlm  # noqa: E402
-from mixlora import MixLoRALinear, routing_mask  # noqa: E402
+from mixlora import (MixLoRALinear, add_lora, adapter_state_dict, read_adapters, routing_mask,  # noqa: E402
+                     save_adapters)
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -220,7 +221,8 @@ def run_readme_trainer(folder: Path, monkeypatch, checkpointing: bool) -> dict:
         routers = (layer.router_A, layer.router_B, layer.router_cfs)
         assert all(not torch.equal(t, t0) for t, t0 in zip(routers, init[layer]))
     prompt = lambda batch: (batch["labels"] == -100) & batch["attention_mask"].bool()
-    return dict(seen=seen, adapters=torch.load(folder / "adapters.pt", weights_only=True), metrics=scope["metrics"],
+    assert read_adapters(folder / "adapters")[1].keys() == adapter_state_dict(model).keys()
+    return dict(seen=seen, adapters=adapter_state_dict(model), metrics=scope["metrics"],
                 train_mask=prompt(scope["collator"](data)), eval_mask=prompt(scope["collator"](data[:3])))
 
 
@@ -254,10 +256,12 @@ def test_train_then_generate_answers_as_the_trained_model_does(family, saved_vlm
     data = ["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"), "--device", "cpu"]
     model = finetune_vlm.main(data + ["--out", str(out), "--steps", "90", "--batch-size", "4", "--lr", "7e-3",
                                         "--dropout", "0", "--eval-data", str(llava_dir / "train.json")])
-    config = json.loads((out / "adapters.json").read_text())
-    assert config["method"] == "mixlora" and (config["factors"], config["rank"], config["alpha"]) == (16, 4, 32.0)
-    assert config["steps"] == 90 and config["processes"] == 1 and config["eval_loss"] < 0.1
-    assert torch.load(out / "adapters.pt", weights_only=True).keys() == finetune_vlm.adapter_state_dict(model).keys()
+    run, (config, tensors) = json.loads((out / "run.json").read_text()), read_adapters(out)
+    [adapters] = config["adapters"]
+    assert adapters["method"] == "mixlora" and (adapters["num_factors"], adapters["rank"], adapters["alpha"]) == (16, 4, 32.0)
+    assert len(adapters["modules"]) == 2 * 7 and adapters["upcast"] and adapters["conditional"]
+    assert run["steps"] == 90 and run["processes"] == 1 and run["eval_loss"] < 0.1
+    assert tensors.keys() == adapter_state_dict(model).keys()
     lm = next(name for name, m in model.named_modules() if m is model.get_decoder())  # model.language_model
     adapted = [name for name, m in model.named_modules() if isinstance(m, MixLoRALinear)]
     assert len(adapted) == 2 * 7 and all(name.startswith(lm + ".layers.") for name in adapted)
@@ -324,18 +328,26 @@ def test_the_collator_labels_the_answer_and_eos_only_and_pads_prompts_on_the_lef
         assert torch.equal(train[key] != 0, train["input_ids"] == image)
 
 
-def test_bf16_and_gradient_checkpointing_flags(llava_dir, tmp_path):
+def test_bf16_and_gradient_checkpointing_flags(llava_dir, tmp_path, monkeypatch):
     """The 7B recipe's flags on the CPU: a bfloat16 base, float32 adapters under autocast, recomputed activations."""
     out = tmp_path / "run"
     model = finetune_vlm.main(["--model", str(llava_dir / "model"), "--data", str(llava_dir / "train.json"),
-                                 "--device", "cpu", "--out", str(out), "--steps", "30", "--batch-size", "4",
-                                 "--lr", "1e-2", "--dropout", "0", "--bf16", "--gradient-checkpointing"])
+                              "--device", "cpu", "--out", str(out), "--steps", "40", "--batch-size", "4",
+                              "--lr", "1e-2", "--dropout", "0", "--bf16", "--gradient-checkpointing"])
     checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # is_gradient_checkpointing before 5
     assert (model.is_activation_checkpointing if checkpointing else model.is_gradient_checkpointing)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    routed_in, routing_mask = [], finetune_vlm.routing_mask
+
+    def recording_routing_mask(model, mask):  # generation routes as training did: float32 routers and pools
+        routed_in.extend({t.dtype for t in (m.router_A, m.router_cfs, m.lora_A)} for m in mixlora_layers(model))
+        return routing_mask(model, mask)
+
+    monkeypatch.setattr(finetune_vlm, "routing_mask", recording_routing_mask)
     answers = finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu",
-                                   "--max-new-tokens", "5"])
+                                 "--max-new-tokens", "5"])
+    assert routed_in and all(dtypes == {torch.float32} for dtypes in routed_in)
     truth = [r["conversations"][1]["value"] for r in json.loads((llava_dir / "train.json").read_text())]
     assert [a["answer"] for a in answers] == truth
 
@@ -377,15 +389,26 @@ def test_bad_input_stops_the_run_in_one_line(case, llava_dir, tmp_path, capsys):
         finetune_vlm.main(["--model", str(llava_dir / "model"), "--data", str(tmp_path / "data.json"),
                              "--out", str(tmp_path / "run"), "--device", "cpu"] + flags)
     err = capsys.readouterr().err.splitlines()
-    assert exit_info.value.code == 2 and not (tmp_path / "run" / "adapters.pt").exists()
+    assert exit_info.value.code == 2 and not (tmp_path / "run" / "adapter_config.json").exists()
     assert err[-1].startswith("error: ") and all(s in err[-1] for s in says) and "Traceback" not in "".join(err)
 
 
 def test_generate_before_training_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         finetune_vlm.main(["--generate", str(tmp_path / "prompts.json"), "--out", str(tmp_path / "run")])
-    assert exit_info.value.code == 2 and "adapters.json not found: train into --out" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "run.json not found: train into --out" in capsys.readouterr().err
 
+
+
+def test_generate_with_adapters_of_another_model_says_so(llava_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    save_adapters(add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], rank=2), out)  # not the LLaVA's
+    (out / "run.json").write_text(json.dumps({"model": str(llava_dir / "model"), "bf16": False}))
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "".join(err) and not (out / "answers.json").exists()
+    assert err[-1].startswith("error: ") and "sit on '0', which this LlavaForConditionalGeneration" in err[-1]
 
 # ---- several processes ----------------------------------------------------------------------------
 
@@ -401,9 +424,9 @@ def test_torchrun_with_two_processes_matches_one_process(llava_dir, tmp_path):
            *flags, "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
-    one, two = (json.loads((tmp_path / d / "adapters.json").read_text()) for d in ("one", "two"))
+    one, two = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
     assert (one["processes"], two["processes"], one["steps"], two["steps"]) == (1, 2, 4, 4)
-    expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("one", "two"))
+    expected, got = (read_adapters(tmp_path / d)[1] for d in ("one", "two"))
     assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
 
@@ -425,12 +448,13 @@ def test_count_7b_counts_what_the_formula_gives_on_the_meta_device(llava_dir):
 # FSDP2 by hand: accelerate 1.15 applies its FSDP plugin only on accelerators (state.py: MULTI_GPU, ...), so
 # on the CPU the Trainer's fsdp=True trains DDP. This is the loop a forker's own FSDP2 code runs.
 FSDP_PROBE = """
-import json, os, sys
+import json, sys
+from pathlib import Path
 import torch, torch.distributed as dist, transformers
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from hf import finetune_vlm
-from mixlora import MixLoRALinear, adapter_state_dict, mark_only_adapters_trainable, routing_mask
+from mixlora import MixLoRALinear, mark_only_adapters_trainable, routing_mask
 
 folder, out = sys.argv[1:]
 dist.init_process_group("gloo")
@@ -439,8 +463,9 @@ torch.set_num_threads(1)
 processor = transformers.AutoProcessor.from_pretrained(folder + "/model")
 model = transformers.AutoModelForImageTextToText.from_pretrained(folder + "/model")
 torch.manual_seed(0)  # the adapters' init, in every process
-finetune_vlm.add_adapters(model, dict(method="mixlora", factors=16, rank=4, alpha=32.0, dropout=0.0, scores="softmax",
-                                      targets=finetune_vlm.TARGETS.split(",")))
+config = dict(model=folder + "/model", method="mixlora", factors=16, rank=4, alpha=32.0, dropout=0.0, scores="softmax",
+              targets=finetune_vlm.TARGETS.split(","), bf16=False, steps=4, processes=world)
+finetune_vlm.add_adapters(model, config)
 mark_only_adapters_trainable(model)
 model.activation_checkpointing_enable({"use_reentrant": False})
 for layer in finetune_vlm.language_model(model).layers:  # one FSDP unit per decoder layer, then the rest
@@ -463,10 +488,8 @@ for step in range(4):  # global batches of 4 records in order; each process take
 layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
 facts = dict(sharded=all(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad),
              routed_on_prompt=len(layers) == 14 and all(m.routed_on_prompt for m in layers))
-adapters = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in adapter_state_dict(model).items()}
+finetune_vlm.save(model, config, Path(out), write=rank == 0)  # the script's save: every process gathers, one writes
 if rank == 0:
-    os.makedirs(out)
-    torch.save(adapters, out + "/adapters.pt")
     open(out + "/facts.json", "w").write(json.dumps(facts))
 dist.destroy_process_group()
 """
@@ -485,15 +508,12 @@ def test_fsdp2_with_two_processes_matches_one_process_and_its_adapters_load_in_o
         # Every adapter a DTensor shard, and every MixLoRA layer routed on routing_mask's mask inside the
         # sharded model (a recomputation outside it would have raised).
         assert json.loads((tmp_path / str(n) / "facts.json").read_text()) == dict(sharded=True, routed_on_prompt=True)
-    expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("1", "2"))
-    assert all(type(v) is torch.Tensor for v in got.values())  # full tensors, gathered
+    expected, got = (read_adapters(tmp_path / d)[1] for d in ("1", "2"))
+    assert all(v.shape == expected[k].shape for k, v in got.items())  # full tensors, gathered, not a shard
     assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
-    # They load into one process, as the script's own save: its --generate answers with them.
-    config = dict(model=str(llava_dir / "model"), method="mixlora", factors=16, rank=4, alpha=32.0, dropout=0.0,
-                  scores="softmax", targets=finetune_vlm.TARGETS.split(","), bf16=False)
-    for d, adapters in (("1", expected), ("2", got)):
-        (tmp_path / d / "adapters.json").write_text(json.dumps(config))
+    assert json.loads((tmp_path / "2" / "run.json").read_text())["processes"] == 2
+    # save() wrote them as it does after the Trainer: the script's --generate answers with them in one process.
     answers = [finetune_vlm.main(["--generate", str(llava_dir / "train.json"), "--out", str(tmp_path / d), "--device",
                                   "cpu", "--max-new-tokens", "5"]) for d in ("1", "2")]
     assert answers[0] == answers[1]
@@ -513,8 +533,8 @@ def test_deepspeed_zero3_with_two_processes_matches_one_process(llava_dir, tmp_p
            *flags, "--deepspeed", str(tmp_path / "zero3.json"), "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, "\n".join(l for l in done.stderr.splitlines() if "it/s]" not in l)[-3000:]
-    assert json.loads((tmp_path / "two" / "adapters.json").read_text())["processes"] == 2
-    expected, got = (torch.load(tmp_path / d / "adapters.pt", weights_only=True) for d in ("one", "two"))
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    expected, got = (read_adapters(tmp_path / d)[1] for d in ("one", "two"))
     assert all(v.shape == expected[k].shape for k, v in got.items())  # gathered, not ZeRO-3's empty partitions
     assert all(v.abs().sum() > 0 for k, v in got.items() if k.endswith("lora_B"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)

@@ -8,6 +8,7 @@ this module skips.
 """
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mixlora import MixLoRALinear, add_mixlora, routing_mask  # noqa: E402
+from mixlora import (LoRALinear, MixLoRALinear, adapter_state_dict, add_lora, add_mixlora, load_adapters,  # noqa: E402
+                     routing_mask, save_adapters)
 
 IMAGE_TOKEN, PAD, EOS, IMAGE_TOKENS = 63, 0, 2, 4  # a 16 x 16 image in 8 x 8 patches: 4 image tokens
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -124,7 +126,12 @@ def test_the_readme_example_trains_and_generates_a_hugging_face_llava(tmp_path, 
                                   attention_mask=prompt["attention_mask"], max_new_tokens=8, do_sample=False,
                                   use_cache=False)
     assert torch.equal(answers, uncached)
-    assert set(torch.load(tmp_path / "adapters.pt", weights_only=True)) == {n for n in trained if "lora" in n or "router" in n}
+    fresh = load_adapters(tiny_llava(), tmp_path / "adapters")  # what a forker does with the directory
+    assert {n for n, _ in fresh.named_parameters()} == set(trained)
+    with routing_mask(fresh, prompt["attention_mask"].bool()):
+        assert torch.equal(fresh.generate(input_ids=prompt["input_ids"], pixel_values=prompt["pixel_values"],
+                                          attention_mask=prompt["attention_mask"], max_new_tokens=8, do_sample=False),
+                           answers)
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -183,6 +190,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 # ---- generation ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "torch.save"])
+@pytest.mark.parametrize("adapters", [dict(method="lora"), dict(), dict(scores="sigmoid"), dict(conditional=False),
+                                      dict(router_grad=False)], ids=["lora", "mixlora", "sigmoid", "ifs", "frozen"])
+def test_saved_adapters_answer_as_the_trained_model_on_a_fresh_base(tmp_path, monkeypatch, adapters, safetensors):
+    if safetensors:
+        pytest.importorskip("safetensors")
+    else:
+        for name in ("safetensors", "safetensors.torch"):
+            monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    model = tiny_llava()
+    if adapters.pop("method", "mixlora") == "lora":
+        add_lora(model.model.language_model, TARGETS, rank=2)
+    else:
+        add_mixlora(model.model.language_model, TARGETS, num_factors=8, rank=2, **adapters)
+    with torch.no_grad():  # "trained": every adapter tensor moved from the init a fresh base would draw
+        for t in adapter_state_dict(model).values():
+            t.normal_(0, 0.5)
+    batch = prompts()
+    with routing_mask(model, batch["attention_mask"].bool()):
+        trained = greedy(model, batch, use_cache=True)
+    save_adapters(model, tmp_path)
+    assert (tmp_path / ("adapter_model.safetensors" if safetensors else "adapter_model.pt")).is_file()
+    fresh = load_adapters(tiny_llava(), tmp_path)
+    assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
+    assert sum(isinstance(m, (LoRALinear, MixLoRALinear)) for m in fresh.modules()) == 2 * 7
+    with routing_mask(fresh, batch["attention_mask"].bool()):
+        assert torch.equal(greedy(fresh, batch, use_cache=True), trained)
+
 
 def test_cached_generation_equals_uncached_and_teacher_forcing():
     model, batch = with_mixlora(tiny_llava()), prompts()

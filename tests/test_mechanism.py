@@ -59,7 +59,7 @@ def test_routing_consistency_is_one_for_oracle_and_chance_for_random():
     cfg = Config()
     base, delta = mechanism.make_tasks(cfg, torch.Generator().manual_seed(0))
     x, task, _ = mechanism.sample(cfg, delta, 400, torch.Generator().manual_seed(1))
-    oracle = common.OracleRouting(base, cfg.num_tasks, cfg.task_rank)
+    oracle = common.OracleRouting(base, cfg.num_tasks, cfg.task_rank, alpha=2 * cfg.task_rank)
     oracle.task = task
     routing = oracle.route(x)
     E = cfg.num_tasks * cfg.task_rank

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 import toy_tasks
 import train_toy
 from dataclasses import replace
-from mixlora import MixLoRALinear, add_mixlora, load_adapter_state_dict
-from tiny_mllm import TinyMLLM, Tokenizer
+from functools import partial
+from mixlora import MixLoRALinear, add_mixlora, load_adapter_state_dict, load_adapters, read_adapters
+from tiny_mllm import TinyMLLM, TinyMLLMConfig, Tokenizer
 
 TOK = Tokenizer(toy_tasks.vocabulary())
 
@@ -125,15 +127,15 @@ def test_quick_run_end_to_end(quick_run):
     assert "| MixLoRA | 16 | 4 |" in table and "| LoRA | - | 4 |" in table
     for row in result["rows"][1:]:  # the adapters learned: B moved away from its zero init
         assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in row["adapters"].items())
-    assert not (tmp / "ckpt" / "base-quick-s0-steps12-bs16.ckpt").exists()  # stage 1 done: only the .pt stays
+        config, saved = read_adapters(tmp / "ckpt" / row["name"])  # and were saved, with what rebuilds them
+        assert [group["method"] for group in config["adapters"]] == [row["label"].lower()]
+        assert saved.keys() == row["adapters"].keys() and all(torch.equal(saved[k], v) for k, v in row["adapters"].items())
+    assert not (tmp / "ckpt" / "base-quick-s0-steps12-bs16-cpu-fp32.ckpt").exists()  # stage 1 done: only the .pt stays
 
 
 def test_cached_generation_equals_uncached_and_teacher_forcing_and_holds_the_prompts_routing(quick_run):
-    _, result = quick_run
-    config, = train_toy.parse_args(["--quick", "--methods", "mixlora"])
-    model = train_toy.adapt(small_model(), config)
-    load_adapter_state_dict(model, result["rows"][2]["adapters"])
-    model.eval()
+    tmp, result = quick_run
+    model = load_adapters(small_model(), tmp / "ckpt" / result["rows"][2]["name"]).eval()
     layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
     seen = {m: [] for m in layers}  # per layer: (positions, S^A, S^B) of every forward
     for m in layers:
@@ -195,6 +197,68 @@ def test_resume_reaches_the_uninterrupted_result(quick_run, tmp_path, monkeypatc
     assert resumed["rows"][1]["accuracy"] == uninterrupted["rows"][2]["accuracy"]
 
 
+def test_prefetched_batches_are_the_inline_ones_and_train_alike(tmp_path):
+    draw = partial(train_toy.training_batch, "instruct", 0, 6, 0, 1, list(toy_tasks.TASKS.values()))
+    inline = [draw(step) for step in range(3, 6)]
+    for got, expected in zip(train_toy.prefetch(draw, range(3, 6), workers=2), inline, strict=True):
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    sets = {key: examples[:5] for key, examples in list(train_toy.evaluation_sets(5).items())[:2]}
+    keys = [(task, split, i) for task, split in sets for i in (0, 3)]
+    fetched = list(train_toy.prefetch(partial(train_toy.evaluation_batch, sets, TOK, 3), keys, workers=1))
+    for (task, split, i), got in zip(keys, fetched, strict=True):
+        expected = train_toy.collate(sets[task, split][i:i + 3], TOK, torch.device("cpu"), with_answer=False)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    adapters = []
+    for workers in (0, 2):  # drawn in the loop, and by two processes ahead of it: the same adapters
+        config = replace(train_toy.quick(train_toy.Config()), steps=3, data_workers=workers)
+        model = train_toy.adapt(small_model(), config)
+        train_toy.train(model, "instruct", config, tmp_path / f"{workers}.ckpt")
+        adapters.append(train_toy.adapter_state_dict(model))
+    assert any(v.abs().sum() > 0 for k, v in adapters[0].items() if k.endswith("lora_B"))
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def stage_2_checkpoint_at(step: int, one: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """A --quick MixLoRA run on the CPU stopped at `step`, on the quick run's stage-1 base: its argv and checkpoint."""
+    argv = ["--quick", "--methods", "mixlora", "--device", "cpu", "--out", str(tmp_path / "runs"),
+            "--checkpoints", str(tmp_path / "ckpt")]
+    config, = train_toy.parse_args(argv)
+    (tmp_path / "ckpt").mkdir()
+    for numerics in ("cpu-fp32", "cuda-bf16"):  # the same cached base under both names: only stage 2 moves
+        shutil.copy(one / "ckpt" / "base-quick-s0-steps12-bs16-cpu-fp32.pt",
+                    tmp_path / "ckpt" / f"base-quick-s0-steps12-bs16-{numerics}.pt")
+    base, _ = train_toy.base_model(config)
+    ckpt = tmp_path / "ckpt" / f"{train_toy.run_name(config)}.ckpt"
+    train_toy.train(train_toy.adapt(base, config), "instruct", config, ckpt, until=step)
+    return argv, ckpt
+
+
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_a_note(quick_run, tmp_path, capsys):
+    one, uninterrupted = quick_run
+    argv, ckpt = stage_2_checkpoint_at(6, one, tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["numerics"] == "cpu-fp32"
+    saved["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA run writes it: its GPU's RNG state too
+    saved["numerics"] = "cuda-bf16"
+    torch.save(saved, ckpt)
+    resumed = train_toy.main(argv + ["--resume"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "written with cuda-bf16 and resumes with cpu-fp32" in out
+    expected, got = uninterrupted["rows"][2]["adapters"], resumed["rows"][1]["adapters"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # the weights, optimizer and step came over
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cpu_checkpoint_resumes_on_a_gpu(quick_run, tmp_path, capsys):
+    one, _ = quick_run
+    argv, ckpt = stage_2_checkpoint_at(6, one, tmp_path)
+    argv[argv.index("--device") + 1] = "cuda"
+    train_toy.main(argv + ["--resume"])  # no KeyError for the CUDA RNG state the CPU run never saved
+    out = capsys.readouterr().out
+    assert "at step 6/12" in out and "written with cpu-fp32 and resumes with cuda-bf16" in out
+    assert torch.load(ckpt, weights_only=True)["step"] == 12
+
+
 def test_every_adapter_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search():
     config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--factors", "32", "--rank", "1"])
     model = train_toy.adapt(small_model(), config)
@@ -215,7 +279,7 @@ def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "toy-s0-quick.json").read_text())["processes"] == 2
-    base = "base-quick-s0-steps12-bs16.pt"
+    base = "base-quick-s0-steps12-bs16-cpu-fp32.pt"
     expected, got = (torch.load(d / base, weights_only=True)["model"] for d in (one / "ckpt", tmp_path / "ckpt"))
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
     for name in ["lora-r4-s0-steps12-quick.ckpt", "mixlora-E16-r4-s0-steps12-quick.ckpt"]:
@@ -225,11 +289,23 @@ def test_torchrun_with_two_processes_matches_one_process(quick_run, tmp_path):
         torch.testing.assert_close(got["trainable"], expected["trainable"], rtol=1e-3, atol=1e-4)
 
 
+def test_torch_compile_traces_the_toy_model_with_mixlora_in_one_graph():
+    import torch._dynamo
+    torch._dynamo.reset()
+    config = replace(train_toy.quick(train_toy.Config()), method="mixlora")
+    torch.manual_seed(0)  # one block is enough: every block is the same code
+    model = train_toy.adapt(TinyMLLM(TinyMLLMConfig(len(TOK), vision_dim=16, vision_layers=1, d_model=16,
+                                                    n_layers=1, n_heads=2)), config)
+    explanation = torch._dynamo.explain(model)(*train_toy.collate(examples(4), TOK, torch.device("cpu")))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 # ---- experiments/bench.py ----------------------------------------------------------------------------
 
 def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys):
     from experiments import bench
-    rows, generation = bench.main(["--quick"])
+    rows, ops, generation = bench.main(["--quick"])
     out = capsys.readouterr().out
     assert [(new, name) for new, _, name, _ in generation][:2] == [(4, "uncached"), (4, "KV cache")]
     assert len(generation) == 4 and generation[2][0] > 4 and all(ms > 0 for *_, ms in generation)
@@ -239,6 +315,9 @@ def test_bench_quick_prints_the_table_and_its_baseline_computes_the_same(capsys)
     assert names[5:] == ["LoRA r=4", "MixLoRA E=16 r=4"]
     assert all(ms > 0 and mib >= 0 for _, _, ms, mib in rows)
     assert "| shape (N, T, d) | variant | ms |" in out and "MixLoRA/LoRA" in out and "per-instance ΔW/MixLoRA" in out
+    lora, mix = ops["eager"].values()  # aten ops per phase of a step: MixLoRA's routing adds to each
+    assert all(0 < lora[phase] < mix[phase] for phase in ("forward", "backward", "AdamW"))
+    assert f"| eager | step | {sum(lora.values()):,} | {sum(mix.values()):,} |" in out
     torch.manual_seed(0)  # the authors' formulation, as benchmarked, is the same function as ours
     layer = MixLoRALinear(torch.nn.Linear(12, 10, dtype=torch.float64), 8, 3)
     torch.nn.init.normal_(layer.lora_B)
@@ -293,13 +372,16 @@ def test_gradient_cosine_is_one_for_identical_tasks_minus_one_for_opposite_and_z
 
 def test_alpha_and_lr_flags_set_the_scale_and_name_their_runs():
     config, = train_toy.parse_args(["--quick", "--methods", "mixlora"])
-    assert config.scale_alpha == 8 and train_toy.run_name(config) == "mixlora-E16-r4-s0-steps12-quick"  # as before
+    assert (config.scaling, config.alpha) == (2.0, 8.0)  # α = 2r, this script's default, not mixlora's α = r
+    assert train_toy.run_name(config) == "mixlora-E16-r4-s0-steps12-quick"
     config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--alpha", "32", "--lr", "1e-3"])
+    assert (config.scaling, config.alpha) == (8.0, 32.0)
     assert train_toy.run_name(config) == "mixlora-E16-r4-lr0.001-alpha32-s0-steps12-quick"
-    assert train_toy.run_name(replace(config, rank=8)) == "mixlora-E16-r8-lr0.001-alpha32-s0-steps12-quick"
-    assert train_toy.run_name(replace(config, rank=16)) == "mixlora-E16-r16-lr0.001-s0-steps12-quick"  # α = 32 = 2r
+    assert train_toy.run_name(replace(config, rank=8)) == "mixlora-E16-r8-lr0.001-alpha64-s0-steps12-quick"  # α/r kept
     model = train_toy.adapt(small_model(), config)
     assert {m.scaling for m in model.modules() if isinstance(m, MixLoRALinear)} == {8.0}  # α/r = 2E/r
+    config, = train_toy.parse_args(["--quick", "--methods", "mixlora", "--alpha", "8"])
+    assert train_toy.run_name(config) == "mixlora-E16-r4-s0-steps12-quick"  # α = 8 = 2r: the default run
 
 
 def test_router_collapse_is_even_for_uniform_scores_and_one_for_a_saturated_block():
