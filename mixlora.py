@@ -507,11 +507,14 @@ WEIGHTS = ("adapter_model.safetensors", "adapter_model.pt")
 BUILDERS = {"lora": add_lora, "mixlora": add_mixlora}
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> None:
+def save_adapters(model: nn.Module, directory: str | Path, tensors: dict[str, Tensor] | None = None) -> None:
     """Write model's adapters to directory: adapter_config.json, which says what built them on which modules, and
     their tensors, as adapter_model.safetensors where the safetensors package is installed (loading runs no code),
     else as adapter_model.pt (loaded with weights_only=True). Each file is written atomically, the config last:
     its presence means a complete save. load_adapters(fresh_base, directory) puts them back.
+
+    tensors: what to write, adapter_state_dict(model) by default; the full tensors, with its keys, where the
+    model holds only shards of them (FSDP, ZeRO-3: gather them first).
     """
     directory = Path(directory)
     groups: dict[str, dict] = {}  # adapters built by the same arguments: one add_lora / add_mixlora call each
@@ -520,7 +523,13 @@ def save_adapters(model: nn.Module, directory: str | Path) -> None:
         groups.setdefault(json.dumps(arguments), dict(arguments, modules=[]))["modules"].append(name)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no adapters to save: add_lora or add_mixlora puts them in")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    own = adapter_state_dict(model)
+    if tensors is None:
+        tensors = own
+    elif tensors.keys() != own.keys():
+        raise ValueError(f"tensors must have adapter_state_dict(model)'s {len(own)} keys; got {len(tensors)} keys, "
+                         f"{len(tensors.keys() ^ own.keys())} of them differing")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     try:
         from safetensors.torch import save as safetensors_bytes
         weights, write = WEIGHTS[0], lambda f: f.write(safetensors_bytes(tensors))

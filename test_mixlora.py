@@ -653,6 +653,23 @@ def test_saved_adapters_load_onto_a_fresh_base_with_their_config(tmp_path, monke
     assert {p.name for p in (tmp_path / "adapters").iterdir()} == files
 
 
+def test_save_adapters_writes_the_tensors_it_is_given_for_a_sharded_model(tmp_path):
+    """A sharded model (FSDP, ZeRO-3) holds pieces of its adapters: the caller gathers them and passes them in."""
+    full = mixed_adapters()
+    sharded = copy.deepcopy(full)
+    with torch.no_grad():
+        for t in adapter_state_dict(sharded).values():
+            t.zero_()  # what this process holds is not what was trained
+    save_adapters(sharded, tmp_path / "adapters", tensors=adapter_state_dict(full))
+    fresh = load_adapters(tiny_model(), tmp_path / "adapters")
+    expected = adapter_state_dict(full)
+    assert all(torch.equal(t, expected[k]) for k, t in adapter_state_dict(fresh).items())
+    missing = dict(list(expected.items())[1:])
+    with pytest.raises(ValueError, match=r"tensors must have adapter_state_dict\(model\)'s 12 keys; got 11 keys, 1 of"):
+        save_adapters(sharded, tmp_path / "other", tensors=missing)
+    assert not (tmp_path / "other").exists()
+
+
 def test_loading_adapters_refuses_what_does_not_fit_in_one_line(tmp_path, monkeypatch):
     directory = tmp_path / "adapters"
     save_adapters(mixed_adapters(), directory)

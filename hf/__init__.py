@@ -1,4 +1,4 @@
-"""The Hugging Face path: MixLoRA in a transformers LLaVA, trained with the Trainer (finetune_llava.py).
+"""The Hugging Face path: MixLoRA in a transformers vision-language model, trained with the Trainer (finetune_vlm.py).
 
-Needs requirements.txt and hf/requirements.txt; run from the repository root: python -m hf.finetune_llava.
+Needs requirements.txt and hf/requirements.txt; run from the repository root: python -m hf.finetune_vlm.
 """

@@ -14,10 +14,12 @@ ENTRY_POINTS = {
     "experiments/bench.py": ("experiments.bench", "main", []),
     "experiments/conflict.py": ("experiments.conflict", "main", []),
     "experiments/routers.py": ("experiments.routers", "main", []),
-    "hf/finetune_llava.py": ("hf.finetune_llava", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
+    "hf/finetune_vlm.py": ("hf.finetune_vlm", "parse_args", ["--out", "runs/x", "--model", "m", "--data", "d.json"]),
+    "hf/count_7b.py": ("hf.count_7b", "parse_args", []),
     "hf/qlora_bench.py": ("hf.qlora_bench", "main", []),
 }
-NEEDS = {"hf/finetune_llava.py": "transformers", "hf/qlora_bench.py": "transformers"}  # optional: skip without them
+NEEDS = {"hf/finetune_vlm.py": "transformers", "hf/count_7b.py": "transformers",  # optional: skip without them
+         "hf/qlora_bench.py": "transformers"}
 BAD = {  # every numeric and device flag of every entry point, with values out of range
     "train_toy.py": [("--rank", "0"), ("--factors", "0"), ("--steps", "0"), ("--base-steps", "-5"),
                      ("--batch-size", "0"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--alpha", "-1"),
@@ -33,10 +35,11 @@ BAD = {  # every numeric and device flag of every entry point, with values out o
                     ("--threads", "0"), ("--device", "tpu")] + NO_CUDA,
     "experiments/routers.py": [("--cells", "K9"), ("--methods", "LoRA r=4,magic"), ("--seeds", "-1"), ("--steps", "0"),
                                ("--points", "0"), ("--threads", "0"), ("--device", "tpu")] + NO_CUDA,
-    "hf/finetune_llava.py": [("--factors", "0"), ("--rank", "0"), ("--alpha", "0"), ("--lr", "-1"), ("--lr", "inf"),
+    "hf/finetune_vlm.py": [("--factors", "0"), ("--rank", "0"), ("--alpha", "0"), ("--lr", "-1"), ("--lr", "inf"),
                           ("--dropout", "-0.1"), ("--dropout", "1"), ("--epochs", "0"), ("--steps", "0"),
                           ("--batch-size", "0"), ("--grad-accum", "0"), ("--seed", "-1"), ("--max-new-tokens", "0"),
                           ("--method", "dora"), ("--scores", "softmax2"), ("--device", "tpu")] + NO_CUDA,
+    "hf/count_7b.py": [("--factors", "0"), ("--rank", "0"), ("--rank", "two")],
     "hf/qlora_bench.py": [("--steps", "0"), ("--bases", "float32,fp8")],
 }
 CASES = [(entry, flag, value) for entry, flags in BAD.items() for flag, value in flags]
@@ -58,8 +61,9 @@ def test_bad_input_is_one_line_that_names_the_flag(entry, flag, value, capsys):
 @pytest.mark.parametrize("entry, argv, says", [
     ("train_toy.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
     ("experiments/bench.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
-    ("hf/finetune_llava.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
-    ("hf/finetune_llava.py", ["--batch-size", "6", "--grad-accum", "4"], "must divide evenly into 4 micro-batches"),
+    ("hf/finetune_vlm.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
+    ("hf/finetune_vlm.py", ["--batch-size", "6", "--grad-accum", "4"], "must divide evenly into 4 micro-batches"),
+    ("hf/count_7b.py", ["--rank", "8", "--factors", "4"], "expected E >= --rank 8"),
 ])
 def test_flags_that_must_agree(entry, argv, says, capsys):
     if entry in NEEDS:

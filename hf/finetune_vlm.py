@@ -1,29 +1,39 @@
-"""Fine-tune a Hugging Face LLaVA with MixLoRA (or LoRA) through the Trainer, then answer prompts.
+"""Fine-tune a Hugging Face image-text-to-text model (LLaVA, LLaVA-NeXT, Qwen2-VL, ...) with MixLoRA or LoRA
+through the Trainer, then answer prompts.
 
-    python -m hf.finetune_llava --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
+    python -m hf.finetune_vlm --model llava-hf/llava-1.5-7b-hf --data train.json --image-folder images \\
         --out runs/llava-mixlora                         # train: writes save_adapters' directory and run.json there
-    python -m hf.finetune_llava --generate prompts.json --image-folder images --out runs/llava-mixlora
+    python -m hf.finetune_vlm --generate prompts.json --image-folder images --out runs/llava-mixlora
                                                          # answer: writes runs/llava-mixlora/answers.json
-    torchrun --nproc_per_node 2 -m hf.finetune_llava ... # data parallel (DDP through accelerate; gloo on the CPU)
+    torchrun --nproc_per_node 2 -m hf.finetune_vlm ...   # data parallel (DDP through accelerate; gloo on the CPU)
 
---model is a local checkpoint directory (a LlavaForConditionalGeneration and its processor) or, with
-a network, a hub id. --data is LLaVA's conversation JSON, one single-turn record per image:
+--model is a local checkpoint directory or, with a network, a hub id: anything AutoModelForImageTextToText
+and AutoProcessor load. --data is LLaVA's conversation JSON, one single-turn record per image:
 
     [{"id": "0", "image": "cats/0.png",               # relative to --image-folder (default: the JSON's folder)
       "conversations": [{"from": "human", "value": "<image>\\nWhat is on the mat?"},
                         {"from": "gpt", "value": "A cat."}]}]
 
-Each record becomes PROMPT (LLaVA v1's template, the processor expanding <image> into the image
-tokens) + " answer" + EOS. The labels are -100 everywhere but on the answer and its EOS, and
-MixLoRATrainer routes every MixLoRA layer on the rest, (labels == -100) & attention_mask: the image
-and the question, never the answer or padding. --generate reads the same format (a "gpt" turn,
-if present, is ignored), pads on the left and generates inside routing_mask(model, attention_mask):
-the prefill routes on the prompt and every new token reuses that routing, as in training.
-Defaults are the authors' released recipe: q, k, v, o, gate, up, down of the LM (never the vision
-tower), E = 16, r = 4, α = 2E (2r for LoRA), dropout 0.05, lr 4e-5 cosine (LLaVA's 3% warm-up), 3 epochs.
+Each record becomes a chat (a user turn: the image where "<image>" stands, and the text; an assistant turn:
+the answer) written with the processor's chat template, or LLaVA v1's (LLAVA_V1_TEMPLATE) where the
+checkpoint has none. The prompt is the template up to and including its generation prompt; the answer is
+everything the template writes after it (the answer, its end-of-turn token, and the tokenizer's EOS where
+the template writes none). The processor turns a batch of these texts and images into every tensor the model
+takes (pixel_values, and image_grid_thw, image_sizes, pixel_attention_mask, mm_token_type_ids ... as the
+family needs), all passed on. The labels are -100 everywhere but on the answer, and MixLoRATrainer routes
+every MixLoRA layer on the rest, (labels == -100) & attention_mask: the image and the question, never the
+answer or padding. --generate pads the prompts on the left and generates inside
+routing_mask(model, attention_mask): the prefill routes on the prompt and every new token reuses that
+routing, as in training. Multi-turn records are refused (a later turn would route on earlier answers).
+
+The adapters go on the language model only: model.get_decoder(), the module transformers names
+language_model (LLaVA, Qwen2-VL, Gemma 3) or text_model (Idefics3); the vision tower, the projector and
+lm_head are outside it. Defaults are the authors' released recipe: q, k, v, o, gate, up, down of that LM,
+E = 16, r = 4, α = 2E (2r for LoRA), dropout 0.05, lr 4e-5 cosine (LLaVA's 3% warm-up), 3 epochs.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,14 +42,21 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 import cli
-from mixlora import (add_lora, add_mixlora, load_adapters, mark_only_adapters_trainable, routing_mask, save_adapters,
-                     save_atomically)
+from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapters, mark_only_adapters_trainable,
+                     routing_mask, save_adapters, save_atomically)
 
-PROMPT = "USER: {human} ASSISTANT:"  # LLaVA v1's conversation template; the answer follows after a space
+# LLaVA v1's conversation, "USER: <image>\\n{question} ASSISTANT: {answer}</s>", as a chat template: for
+# checkpoints without one of their own (llava-1.5 in its original release, a model built from a config).
+LLAVA_V1_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+    "{% endif %}{% endfor %} {% else %}ASSISTANT: {{ message['content'][0]['text'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear of the LM
 
 
@@ -63,7 +80,7 @@ class MixLoRATrainer(Trainer):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser(__doc__)
-    p.add_argument("--model", help="a LLaVA checkpoint directory or hub id (for --generate: default, the trained one)")
+    p.add_argument("--model", help="an image-text-to-text checkpoint directory or hub id (for --generate: default, the trained one)")
     p.add_argument("--data", help="training records, LLaVA's conversation JSON")
     p.add_argument("--eval-data", help="records to report the loss on after training (routed on the prompt)")
     p.add_argument("--image-folder", help="root of the records' relative image paths (default: the JSON's folder)")
@@ -85,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=cli.above(0.0), default=4e-5)
     p.add_argument("--seed", type=cli.at_least(0), default=0)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fsdp", action="store_true", help="GPUs: shard the base, the adapters, their gradients and "
+                   "AdamW's state over the torchrun processes (FSDP2 through accelerate, one unit per decoder layer)")
+    p.add_argument("--deepspeed", metavar="CONFIG", help="a DeepSpeed config, e.g. hf/ds_zero3.json (ZeRO-3 over the "
+                   "torchrun processes; needs `pip install deepspeed`)")
     p.add_argument("--bf16", action="store_true", help="base in bfloat16; adapters train in float32 under autocast")
     p.add_argument("--max-new-tokens", type=cli.at_least(1), default=128)
     p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N; "
@@ -101,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.generate and args.batch_size % shards:
         p.error(f"argument --batch-size: {args.batch_size} is the global batch; it must divide evenly into "
                 f"{shards} micro-batches (processes x --grad-accum)")
+    if args.fsdp and (args.device == "cpu" or not torch.cuda.is_available()):
+        p.error("argument --fsdp: accelerate 1.15 applies FSDP on GPUs only; on the CPU its Trainer would silently "
+                "train DDP (for FSDP2 on the CPU, shard by hand: tests/test_finetune_vlm.py's FSDP_PROBE)")
     args.targets = args.targets.split(",")
     if args.alpha is None:
         args.alpha = 2.0 * (args.factors if args.method == "mixlora" else args.rank)
@@ -128,9 +152,9 @@ def load_records(path: str, image_folder: str | None, answers: bool) -> list[dic
         if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
             raise InputError(f'{where}: expected {{"image": ..., "conversations": '
                              f'[{{"from": "human", "value": ...}}, ...]}}')
-        if turns[0].get("from") != "human" or "<image>" not in str(turns[0].get("value")):
-            raise InputError(f'{where}: the first turn must be the human\'s, with "<image>" where the image goes, '
-                            f'e.g. "<image>\\nWhat is this?"')
+        if turns[0].get("from") != "human" or str(turns[0].get("value")).count("<image>") != 1:
+            raise InputError(f'{where}: the first turn must be the human\'s, with "<image>" where the image goes '
+                            f'(once), e.g. "<image>\\nWhat is this?"')
         if answers and (len(turns) < 2 or turns[1].get("from") != "gpt" or not str(turns[1].get("value", "")).strip()):
             raise InputError(f'{where}: no answer: expected a "gpt" turn with a non-empty value after the human turn')
         if len(turns) > 2:
@@ -143,61 +167,83 @@ def load_records(path: str, image_folder: str | None, answers: bool) -> list[dic
 
 
 class Collator:
-    """Records -> a padded batch: input_ids, attention_mask, pixel_values, and labels when training.
+    """Records -> the processor's batch (input_ids, attention_mask, pixel_values, ...), and labels when training.
 
-    Training pads on the right and puts the answer's tokens (and EOS) in labels, -100 elsewhere;
+    Each record is written as a chat with the processor's template (LLAVA_V1_TEMPLATE where it has
+    none). Training pads on the right and puts the answer's tokens in labels, -100 elsewhere;
     generation pads on the left, so that every row's new tokens start at the same position.
     """
 
     def __init__(self, processor, train: bool):
-        self.processor, self.train, tok = processor, train, processor.tokenizer
-        self.eos = tok.eos_token_id
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
+        self.processor, self.train, self.tok = processor, train, processor.tokenizer
+        self.template = processor.chat_template or LLAVA_V1_TEMPLATE
+
+    def texts(self, record: dict) -> tuple[str, str]:
+        """The record's prompt, and (training) what the template writes after it: the answer, ending in EOS."""
+        before, _, after = record["conversations"][0]["value"].partition("<image>")
+        content = [{"type": "text", "text": t.strip()} for t in [before] if t.strip()] + [{"type": "image"}]
+        content += [{"type": "text", "text": t.strip()} for t in [after] if t.strip()]
+        chat = [{"role": "user", "content": content}]
+        prompt = self.processor.apply_chat_template(chat, chat_template=self.template, add_generation_prompt=True)
+        if not self.train:
+            return prompt, ""
+        answer = record["conversations"][1]["value"].strip()
+        chat.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        full = self.processor.apply_chat_template(chat, chat_template=self.template)
+        if not full.startswith(prompt):
+            raise InputError(f"record {record.get('id', '?')!r}: the chat template does not write the prompt "
+                             f"(its generation prompt) as the start of prompt + answer, so the answer cannot be found")
+        answer = full[len(prompt):]
+        return prompt, answer if self.tok.eos_token in answer else answer + self.tok.eos_token
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        ids, labels, pixels = [], [], []
+        texts = [self.texts(r) for r in records]
+        images = []
         for r in records:
-            text = PROMPT.format(human=r["conversations"][0]["value"])
             with Image.open(r["image"]) as image:
-                enc = self.processor(images=image.convert("RGB"), text=text, return_tensors="pt")
-            prompt = enc["input_ids"][0].tolist()  # <image> expanded into the image tokens
-            answer = self.answer_ids(text, r["conversations"][1]["value"].strip()) if self.train else []
-            ids.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
-            pixels.append(enc["pixel_values"][0])
-        T = max(map(len, ids))
-        N = len(ids)
-        batch = {"input_ids": torch.full((N, T), self.pad), "attention_mask": torch.zeros(N, T, dtype=torch.long),
-                 "labels": torch.full((N, T), -100), "pixel_values": torch.stack(pixels)}
-        for n, (row, lab) in enumerate(zip(ids, labels)):
-            at = slice(0, len(row)) if self.train else slice(T - len(row), T)
-            batch["input_ids"][n, at], batch["labels"][n, at] = torch.tensor(row), torch.tensor(lab)
-            batch["attention_mask"][n, at] = 1
-        if not self.train:
-            del batch["labels"]
+                images.append([image.convert("RGB")])  # one image per record
+        full = [prompt + answer for prompt, answer in texts]
+        # As transformers' apply_chat_template: a template that writes BOS itself gets no second one.
+        special = not (self.tok.bos_token and full[0].startswith(self.tok.bos_token))
+        batch = dict(self.processor(images=images, text=full, padding=True, add_special_tokens=special,
+                                    padding_side="right" if self.train else "left", return_tensors="pt"))
+        if self.train:  # labels: the last answer_length tokens before the padding
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # (N, T)
+            for n, (r, (prompt, answer)) in enumerate(zip(records, texts)):
+                labels[n, :int(batch["attention_mask"][n].sum()) - self.answer_length(r, prompt, answer, special)] = -100
+            batch["labels"] = labels
         return batch
 
-    def answer_ids(self, prompt: str, answer: str) -> list[int]:
-        """The answer's tokens as they follow the prompt in one text (what generation must produce), + EOS.
+    def answer_length(self, record: dict, prompt: str, answer: str, special: bool) -> int:
+        """How many tokens the answer adds to the prompt, tokenized as one text (as the batch is).
 
-        Tokenized alone, " answer" can differ at the boundary (SentencePiece adds a "▁" of its own).
+        The image placeholder counts as one token in both texts here, so the count is the same after the
+        processor expands it into the image's tokens.
         """
-        tok = self.processor.tokenizer
-        alone, joint = tok(prompt)["input_ids"], tok(f"{prompt} {answer}")["input_ids"]
-        if joint[:len(alone)] != alone:  # the boundary merged into one token: fall back to the answer alone
-            return tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]
-        return joint[len(alone):] + [self.eos]
+        alone = self.tok(prompt, add_special_tokens=special)["input_ids"]
+        joint = self.tok(prompt + answer, add_special_tokens=special)["input_ids"]
+        if joint[:len(alone)] != alone:
+            raise InputError(f"record {record.get('id', '?')!r}: the prompt's last token and the answer's first "
+                             f"merge into one token, so the answer cannot be labelled on its own")
+        return len(joint) - len(alone)
 
 
 # ---- adapters ---------------------------------------------------------------------------------------
 
-def language_model(model: LlavaForConditionalGeneration) -> torch.nn.Module:
-    """The LM inside LLaVA (model.model.language_model since transformers 4.52; .language_model before)."""
-    inner = getattr(model, "model", model)
-    return inner.language_model if hasattr(inner, "language_model") else model.language_model
+def language_model(model: PreTrainedModel) -> torch.nn.Module:
+    """The LM inside the VLM: model.get_decoder(), transformers' language_model or text_model submodule.
+
+    Adapting only inside it keeps the vision tower (whose attention also has q_proj, k_proj, v_proj),
+    the projector and lm_head as they are.
+    """
+    lm = model.get_decoder()
+    if lm is model or lm is getattr(model, "model", None):
+        raise InputError(f"{type(model).__name__}.get_decoder() returns the whole model, not its language model: "
+                         f"its vision tower would be adapted too")
+    return lm
 
 
-def add_adapters(model: LlavaForConditionalGeneration, config: dict) -> None:
+def add_adapters(model: PreTrainedModel, config: dict) -> None:
     """LoRA or MixLoRA on the LM's targets, as the flags say; ValueError names a bad target."""
     if config["method"] == "lora":
         add_lora(language_model(model), config["targets"], config["rank"], config["alpha"], config["dropout"])
@@ -210,9 +256,52 @@ def save_json(obj, path: Path) -> None:
     save_atomically(lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()), path)
 
 
+# save, saved_config and load are the script's only ways to the files in --out.
+
+def save(model: PreTrainedModel, config: dict, out: Path, write: bool = True) -> None:
+    """save_adapters' files (adapter_config.json and adapter_model.safetensors: what rebuilds the adapters), then
+    run.json (config: the base model's name in "model", "bf16", the flags and the run's record).
+
+    Under FSDP and ZeRO-3 every process must call it: FSDP's adapter tensors are DTensors, which
+    full_tensor() gathers; ZeRO-3's are empty partitions, which GatheredParameters gathers. The one
+    process with write=True writes the full tensors.
+    """
+    zero3 = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_numel")]
+    with contextlib.ExitStack() as gathered:
+        if zero3:
+            import deepspeed  # only where the model is already under ZeRO-3
+            gathered.enter_context(deepspeed.zero.GatheredParameters(zero3))
+        adapters = {k: v.full_tensor() if isinstance(v, DTensor) else v.clone()
+                    for k, v in adapter_state_dict(model).items()}
+    if not write:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").unlink(missing_ok=True)  # an earlier run's record must not vouch for this save
+    save_adapters(model, out, adapters)
+    save_json(config, out / "run.json")  # written last: its presence means a complete save
+
+
+def saved_config(out: Path) -> dict:
+    """The run.json save() wrote into out (the base model's name in "model", "bf16", the adapters' settings)."""
+    try:
+        return json.loads((out / "run.json").read_text())
+    except OSError:
+        raise InputError(f"{out / 'run.json'} not found: train into --out {out} first")
+
+
+def load(model: PreTrainedModel, out: Path) -> dict:
+    """Put the adapters saved in out onto model (the base they were trained on); returns the run's config."""
+    config = saved_config(out)
+    try:
+        load_adapters(model, out)  # the same add_lora / add_mixlora calls, then the tensors
+    except ValueError as e:  # another base model, or files this mixlora.py cannot read
+        raise InputError(" ".join(str(e).split())) from None  # one line, as every error here
+    return config
+
+
 # ---- train and answer ------------------------------------------------------------------------------
 
-def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
+def train(args: argparse.Namespace) -> PreTrainedModel:
     records = load_records(args.data, args.image_folder, answers=True)
     eval_records = load_records(args.eval_data, args.image_folder, answers=True) if args.eval_data else None
     config = {k: getattr(args, k) for k in ("model", "method", "factors", "rank", "alpha", "scores", "dropout",
@@ -220,7 +309,7 @@ def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
     set_seed(args.seed)  # the adapters' init: the same in every process
     processor = AutoProcessor.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
     try:
         add_adapters(model, config)
     except ValueError as e:  # a target that matches nothing, or something that is not an nn.Linear
@@ -228,10 +317,14 @@ def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
     mark_only_adapters_trainable(model)  # the adapters are float32 on a bfloat16 base too (add_mixlora's upcast)
     # Non-reentrant checkpointing (the reentrant kind would need the frozen embeddings' output to require
     # a gradient); transformers 5 renamed the option activation_checkpointing and made it the default.
+    # Under FSDP, its own (per sharded unit) instead: the Trainer's would gather every unit's weights twice.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     checkpointing = ({"activation_checkpointing": args.gradient_checkpointing} if "activation_checkpointing" in fields
                      else {"gradient_checkpointing": args.gradient_checkpointing,
                            "gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    if args.fsdp:
+        checkpointing = {"activation_checkpointing": False, "fsdp": True,
+                         "fsdp_config": {"version": 2, "activation_checkpointing": args.gradient_checkpointing}}
     world = int(os.environ.get("WORLD_SIZE", 1))
     targs = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=args.batch_size // (world * args.grad_accum),
@@ -241,6 +334,7 @@ def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
         use_cpu=args.device == "cpu", logging_steps=10, save_strategy="no", report_to="none",
         remove_unused_columns=False,  # the collator reads the records' image and conversations
         ddp_find_unused_parameters=False,  # every adapter parameter gets a gradient, zeros if unchosen
+        deepspeed=args.deepspeed,
         **checkpointing)
     trainer = MixLoRATrainer(model=model, args=targs, train_dataset=records, eval_dataset=eval_records,
                              data_collator=Collator(processor, train=True))
@@ -248,46 +342,43 @@ def train(args: argparse.Namespace) -> LlavaForConditionalGeneration:
     config.update(steps=trainer.state.global_step, processes=trainer.args.world_size)  # for the record
     if eval_records:
         config["eval_loss"] = trainer.evaluate()["eval_loss"]
-    if trainer.is_world_process_zero():
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_adapters(model, out)  # adapter_config.json and adapter_model.safetensors: what rebuilds them
-        save_json(config, out / "run.json")  # written last: its presence means a complete save
+    save(model, config, Path(args.out), write=trainer.is_world_process_zero())  # every process: FSDP gathers
     return model
 
 
 @torch.no_grad()
 def generate(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
-    try:
-        config = json.loads((out / "run.json").read_text())
-    except OSError:
-        raise InputError(f"{out / 'run.json'} not found: train into --out {out} first")
+    config = saved_config(out)
     records = load_records(args.generate, args.image_folder, answers=False)
     device, dtype = torch.device(args.device), torch.bfloat16 if config["bf16"] else torch.float32
     processor = AutoProcessor.from_pretrained(args.model or config["model"])
-    model = LlavaForConditionalGeneration.from_pretrained(args.model or config["model"], dtype=dtype)
-    load_adapters(model, out)
+    model = AutoModelForImageTextToText.from_pretrained(args.model or config["model"], dtype=dtype)
+    load(model, out)
     model.to(device).eval()  # not to dtype: the routers and pools stay float32, as they trained
     collate, tok = Collator(processor, train=False), processor.tokenizer
+    # Stop at the checkpoint's end-of-turn token(s) and at EOS; never write an image placeholder.
+    stop = model.generation_config.eos_token_id
+    stop = sorted({tok.eos_token_id, *(stop if isinstance(stop, list) else [stop] if stop is not None else [])})
+    image_token = getattr(model.config, "image_token_id", None)
     answers = []
     for start in tqdm(range(0, len(records), args.batch_size), desc="generate", unit="batch"):
         chunk = records[start:start + args.batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in collate(chunk).items()}
         # The held-routing rule: the prefill routes on the prompt (not the padding), new tokens reuse it.
         # --bf16 trained under autocast (float32 adapters, bfloat16 matmuls): generation computes as training did.
         as_trained = torch.autocast(device.type, torch.bfloat16, enabled=config["bf16"])
         with routing_mask(model, batch["attention_mask"].bool()), as_trained:
-            new = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=collate.pad,
-                                 eos_token_id=collate.eos, suppress_tokens=[model.config.image_token_id])
+            new = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
+                                 suppress_tokens=None if image_token is None else [image_token])
         texts = tok.batch_decode(new[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         answers += [{"id": r.get("id", start + i), "answer": t.strip()} for i, (r, t) in enumerate(zip(chunk, texts))]
     save_json(answers, out / "answers.json")
     return answers
 
 
-def main(argv: list[str] | None = None) -> LlavaForConditionalGeneration | list[dict]:
+def main(argv: list[str] | None = None) -> PreTrainedModel | list[dict]:
     args = parse_args(argv)
     try:
         return generate(args) if args.generate else train(args)
