@@ -13,7 +13,7 @@ with the raw numbers under runs/; each run's adapters go to checkpoints/NAME/ (s
     python train_toy.py --methods mixlora --scores sigmoid   # per-factor sigmoid router scores
     python train_toy.py --quick                          # a smoke run of a few seconds
     python train_toy.py --device cuda --compile          # a GPU: bf16 autocast, the training step compiled
-    torchrun --nproc_per_node=4 train_toy.py             # the same run on 4 GPUs (or CPU processes)
+    torchrun --nproc_per_node=4 train_toy.py             # each batch split over 4 processes (tested: 2 gloo = 1)
 
 Under torchrun every process trains a DistributedDataParallel copy on its own shard of each
 global batch (--batch-size is the global batch, as on one process); rank 0 logs, evaluates
