@@ -242,7 +242,7 @@ class MixLoRALinear(_LowRankAdapter):
             index_a = self.top_r(p_a)  # (N, r): S^A, in canonical (ascending) order
             # IFS + CFS: p^B = softmax(R^B x̄) + λ softmax(c), c_e = Σ_j <a_{S^A_j}, W^CFS_{j,:,e}>.
             if self.conditional:
-                p_b = torch.add(p_b, score(self.cfs_logits(index_a, dtype)), alpha=self.cfs_weight)
+                p_b = p_b + self.cfs_weight * score(self.cfs_logits(index_a, dtype))
             index_b = self.top_r(p_b)  # (N, r)
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
             p_a, p_b = p_a.detach(), p_b.detach()
@@ -275,7 +275,7 @@ class MixLoRALinear(_LowRankAdapter):
         h = torch.bmm(self.dropout(x3), A.transpose(1, 2))  # (N, T, r)
         w = routing.gate_a * routing.gate_b  # (N, r), exactly 1 in value
         delta = torch.bmm(h * w[:, None, :].to(h.dtype), B)  # (N, T, d_out)
-        y = self.base(x)  # after the adapter path, as before upcast came: float32 runs stay the same to the bit
+        y = self.base(x)  # computed last, as it always was: earlier, it moved float32 results in the last bits
         return y + (self.scaling * delta.view(*x.shape[:-1], -1)).to(y.dtype)
 
     def factors(self, routing: Routing) -> tuple[Tensor, Tensor]:

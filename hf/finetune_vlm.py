@@ -289,14 +289,12 @@ def saved_config(out: Path) -> dict:
         raise InputError(f"{out / 'run.json'} not found: train into --out {out} first")
 
 
-def load(model: PreTrainedModel, out: Path) -> dict:
-    """Put the adapters saved in out onto model (the base they were trained on); returns the run's config."""
-    config = saved_config(out)
+def load(model: PreTrainedModel, out: Path) -> None:
+    """Put the adapters saved in out onto model (the base they were trained on)."""
     try:
         load_adapters(model, out)  # the same add_lora / add_mixlora calls, then the tensors
     except ValueError as e:  # another base model, or files this mixlora.py cannot read
         raise InputError(" ".join(str(e).split())) from None  # one line, as every error here
-    return config
 
 
 # ---- train and answer ------------------------------------------------------------------------------
