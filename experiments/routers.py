@@ -159,10 +159,18 @@ class InstructionWords(MixLoRALinear):
             else:
                 self.register_buffer(name, w)
         self.embedded: Tensor | None = None
+        self.tokens: Tensor | None = None  # (N, L): the text's token ids
+        self.known: Tensor | None = None  # (vocab,) bool: the words a start fitted on (None: every word counts)
 
     def x_bar(self, mask: Tensor) -> Tensor:
-        """The mean embedding over the instruction: the prompt mask's text part (N, L) -> (N, d_model)."""
-        return common.masked_mean(self.embedded, mask[:, -self.embedded.shape[1]:])
+        """The mean embedding over the instruction: the prompt mask's text part (N, L) -> (N, d_model);
+        with `known`, over the words the routers were fitted on only (a word never seen in the fit is
+        no evidence for any factor), or over every word of an instruction that has none of them."""
+        mask = mask[:, -self.embedded.shape[1]:]
+        if self.known is not None:
+            fitted_on = mask & self.known[self.tokens]
+            mask = torch.where(fitted_on.any(1, keepdim=True), fitted_on, mask)
+        return common.masked_mean(self.embedded, mask)
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
         x_bar, score = self.x_bar(mask).float(), SCORES[self.scores]  # (N, d_model)
@@ -170,6 +178,58 @@ class InstructionWords(MixLoRALinear):
         if not self.router_grad:
             p_a, p_b = p_a.detach(), p_b.detach()
         return top_r_routing(self, p_a, p_b)
+
+
+class UniversalWords(InstructionWords):
+    """A safety net for instructions that match no cluster, as MoCLE's universal expert: the first
+    `universal` factors of each pool are chosen for every instance, and the routers pick the other
+    r − universal from the rest (their logits +inf: a sigmoid score of 1, first in top-r)."""
+
+    def __init__(self, *args, universal: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.universal = universal
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        x_bar, score = self.x_bar(mask).float(), SCORES[self.scores]  # (N, d_model)
+        always = torch.zeros(self.num_factors, device=x_bar.device)
+        always[:self.universal] = float("inf")
+        p_a, p_b = (score(x_bar @ R.float().T + always) for R in (self.router_A, self.router_B))  # (N, E) each
+        if not self.router_grad:
+            p_a, p_b = p_a.detach(), p_b.detach()
+        return top_r_routing(self, p_a, p_b)
+
+
+class ArrowRouting(MixLoRALinear):
+    """Post-hoc routing from the trained factors themselves, as Arrow (Ostapenko et al., 2024): each
+    factor's ΔW_e = b_e ⊗ a_e, less the mean adapter as GenKnowSub subtracts it, has a top right
+    singular vector v_e; an instance takes the r factors of largest |x̄ · v_e| (Arrow scores tokens;
+    MixLoRA routes instances, so x̄ is the layer's masked mean, as its routers read). Same pools."""
+
+    def __init__(self, trained: MixLoRALinear):
+        super().__init__(trained.base, trained.num_factors, trained.rank, alpha=trained.alpha,
+                         conditional=False, router_grad=False)
+        self.lora_A, self.lora_B = trained.lora_A, trained.lora_B
+        with torch.no_grad():
+            delta = torch.einsum("oe,ei->eoi", self.lora_B.double(), self.lora_A.double())  # (E, d_out, d_in)
+            delta = delta - delta.mean(0)  # GenKnowSub: what the factors share is general, not routing evidence
+            self.register_buffer("prototypes", torch.linalg.svd(delta).Vh[:, 0].float())  # (E, d_in)
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
+        x, mask = x.detach().float(), None if mask is None else mask[:, -x.shape[1]:]
+        x_bar = x.mean(1) if mask is None else common.masked_mean(x, mask)  # (N, d_in)
+        p = (x_bar @ self.prototypes.T).abs()  # (N, E): the sign of a singular vector is arbitrary
+        index = self.top_r(p)
+        ones = torch.ones(index.shape, device=x.device)
+        return Routing(index, index, ones, ones)  # factor e's a and b together, as they trained
+
+
+def arrow(model: TinyMLLM) -> TinyMLLM:
+    """The trained model with every MixLoRA layer routed post hoc by ArrowRouting (evaluation only)."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, MixLoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, ArrowRouting(layer))
+    return model.eval()
 
 
 class TaskTable(MixLoRALinear):
@@ -218,17 +278,23 @@ def instruction_only(model: TinyMLLM, config: Config) -> TinyMLLM:
     return variant(InstructionOnly)(model, config)
 
 
-def instruction_words(model: TinyMLLM, config: Config) -> TinyMLLM:
-    model = variant(InstructionWords, d_words=model.config.d_model)(model, config)
+def instruction_words(model: TinyMLLM, config: Config, layer: type[InstructionWords] = InstructionWords,
+                      **extra) -> TinyMLLM:
+    model = variant(layer, d_words=model.config.d_model, **extra)(model, config)
     layers = [m for m in model.modules() if isinstance(m, InstructionWords)]
 
     def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if inputs[0].dim() == 2:  # (N, L): a whole text; a decode step embeds (N,) tokens and reuses the routing
             for layer in layers:
-                layer.embedded = output
+                layer.embedded, layer.tokens = output, inputs[0]
 
     model.embed.register_forward_hook(keep)
     return model
+
+
+def universal_words(model: TinyMLLM, config: Config) -> TinyMLLM:
+    """Words routers with half of every instance's r factors universal (UniversalWords)."""
+    return instruction_words(model, config, UniversalWords, universal=config.rank // 2)
 
 
 def gumbel(model: TinyMLLM, config: Config) -> TinyMLLM:
@@ -268,7 +334,8 @@ def kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25) -> common.A
     return start
 
 
-def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, words: bool = False) -> common.Adapt:
+def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, words: bool = False,
+                  known: bool = False, word_dropout: float = 0.0, copies: int = 16) -> common.Adapt:
     """A start from what each instruction asks of the model, not from what it looks like: k-means
     (k = E) of the image → answer update each instruction asks for (`answer_update_gram`), one
     clustering for every layer, so that factor e is cluster e's in every layer, as the oracle's
@@ -276,7 +343,11 @@ def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, word
     reads to minus the squared distance of the instance to each centroid, so that an instance's
     top-r are its r nearest clusters; scaled to logits of standard deviation 2. The fit of the
     update is on the instruction's x̄ at the first adapted layer, or with words=True on the mean
-    embedding of the instruction's tokens, whatever layers are adapted."""
+    embedding of the instruction's tokens, whatever layers are adapted. For routers that read the
+    words: known=True has them read only the words of the fit's prompts (InstructionWords.known);
+    word_dropout fits R on `copies` copies of each prompt with each word dropped with that
+    probability, so that no single word of a phrasing decides the clusters; UniversalWords layers
+    keep their first `universal` factors for everyone and cluster the rest (k = E − universal)."""
     def start(model: TinyMLLM, config: Config) -> TinyMLLM:
         model = adapt(model, config)
         layers = [m for m in model.modules() if isinstance(m, MixLoRALinear)]
@@ -293,13 +364,31 @@ def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, word
             said = common.masked_mean(model.embed(tokens), in_prompt).double().cpu()  # (n, d_model): the words
         U = fitted(said if words else instruction.x_bar.double().cpu(), gram)  # (n, 32)
         gen = torch.Generator().manual_seed(config.seed)
-        target = -torch.cdist(U, k_means(U, layers[0].num_factors, iters, gen)) ** 2  # (n, E)
+        universal = getattr(layers[0], "universal", 0)
+        target = -torch.cdist(U, k_means(U, layers[0].num_factors - universal, iters, gen)) ** 2  # (n, E - universal)
         target = target - target.mean(1, keepdim=True)  # only an instance's ranking of the clusters counts
         target = target - target.mean(0)  # no factor favoured on average: a bias-free router has no offset
+        target = nn.functional.pad(target, (universal, 0))  # (n, E): the universal factors' logits are +inf anyway
+        X_words, target_words = said, target
+        if word_dropout:
+            gen_drop = torch.Generator().manual_seed(config.seed)
+            keep = torch.rand(copies, *in_prompt.shape, generator=gen_drop) >= word_dropout  # (copies, n, L)
+            keep = keep.to(in_prompt.device) & in_prompt
+            keep |= in_prompt & ~keep.any(2, keepdim=True)  # a prompt that lost every word keeps them all
+            with torch.no_grad():
+                embedded = model.embed(tokens)
+                X_words = torch.cat([common.masked_mean(embedded, k) for k in keep]).double().cpu()  # (copies·n, d_model)
+            target_words = target.repeat(copies, 1)
         with torch.no_grad():
             for layer, record in seen.items():
-                X = said if isinstance(layer, InstructionWords) else record.x_bar.double().cpu()  # (n, d_in)
-                R = ridge(X, target)  # (d_in, E)
+                if isinstance(layer, InstructionWords):
+                    X, Y = X_words, target_words
+                    if known:
+                        layer.known = torch.zeros(len(train_toy.TOK), dtype=torch.bool, device=tokens.device)
+                        layer.known[tokens[in_prompt]] = True
+                else:
+                    X, Y = record.x_bar.double().cpu(), target  # (n, d_in)
+                R = ridge(X, Y)  # (d_in, E)
                 R = R * 2.0 / (X @ R).std().clamp_min(1e-12)
                 for router in (layer.router_A, layer.router_B):
                     router.copy_(R.T.to(router))
@@ -391,11 +480,22 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
     "instruction words + update k-means; frozen": (
         dict(method="words-update", scores="sigmoid", conditional=False, router_grad=False),
         update_kmeans(instruction_words, words=True)),
+    "words + update k-means + known words; frozen": (
+        dict(method="words-update-known", scores="sigmoid", conditional=False, router_grad=False),
+        update_kmeans(instruction_words, words=True, known=True)),
+    "words + update k-means + known words + word dropout; frozen": (
+        dict(method="words-update-known-drop", scores="sigmoid", conditional=False, router_grad=False),
+        update_kmeans(instruction_words, words=True, known=True, word_dropout=0.5)),
+    "words + update k-means + known words + word dropout + universal; frozen": (
+        dict(method="words-update-universal", scores="sigmoid", conditional=False, router_grad=False),
+        update_kmeans(universal_words, words=True, known=True, word_dropout=0.5)),
     "instruction-only + update k-means": (dict(method="instruction-update", scores="sigmoid"), update_kmeans(instruction_only)),
     "instruction-only + update k-means; frozen": (dict(method="instruction-update", scores="sigmoid", router_grad=False),
                                                   update_kmeans(instruction_only)),
 }
 ROUTED = [m for m in METHODS if not m.startswith("LoRA")]
+# Post-hoc routing of a run's final model: {label: {name: the model routed anew}}, evaluated at the end.
+POSTHOC = {"words + update k-means + known words + word dropout; frozen": {"Arrow (GenKnowSub)": arrow}}
 FIGURE = ["LoRA r=4", "LoRA r=16", "MixLoRA softmax (the paper)", "MixLoRA sigmoid", "frozen routers (released code)",
           "task table (Poly; needs the label)", "oracle", "counterfactual credit", "Gumbel top-r",
           "instruction-only + k-means; frozen (as MoCLE)", "instruction-only + update k-means; frozen",
@@ -429,13 +529,22 @@ def diagnose(model: TinyMLLM, tasks: list[toy_tasks.Task], per_task: int, before
     """The routing of one model, per block: probe, within and between Jaccard, the share of
     instances whose selection changed since `before` (the previous point's), and router collapse."""
     examples = [e for t in tasks for e in toy_tasks.samples(t, per_task, f"routers-{t.name}")]
+    heldout = [e for t in tasks for e in toy_tasks.samples(t, per_task, f"routers-{t.name}", heldout=True)]
     labels = np.repeat(np.arange(len(tasks)), per_task)
-    x_bars, hots = common.routing_view(model, examples)
+    x_bars, hots = common.routing_view(model, examples + heldout)
+    hots, heldout_hots = {b: h[:len(examples)] for b, h in hots.items()}, {b: h[len(examples):] for b, h in hots.items()}
+    x_bars = {b: x[:len(examples)] for b, x in x_bars.items()}
     same, other = labels[:, None] == labels[None, :], ~np.eye(len(labels), dtype=bool)
     sims = [common.jaccard(torch.from_numpy(hot).double()).numpy() for hot in hots.values()]
+    # A held-out phrasing's selection against the seen phrasings' of its own task and of the others:
+    # does a new phrasing get its task's factors? (n_heldout, n_seen) Jaccard per block.
+    cross = [common.jaccard(torch.from_numpy(np.concatenate([h, hots[b]])).double()).numpy()[:len(h), len(h):]
+             for b, h in heldout_hots.items()]
     report = {"probe": [probe(x, labels) for x in x_bars.values()],
               "within": [float(s[same & other].mean()) for s in sims],
               "between": [float(s[~same].mean()) for s in sims],
+              "heldout_within": [float(c[same].mean()) for c in cross],
+              "heldout_between": [float(c[~same].mean()) for c in cross],
               "hots": {b: hot.tolist() for b, hot in hots.items()}}
     if before is not None:
         report["changed"] = [float((np.array(before["hots"][b]) != hot).any(1).mean()) for b, hot in hots.items()]
@@ -483,6 +592,12 @@ def curve(label: str, config: Config, out: Path, points: int, train: bool = True
         if label in ROUTED:
             before = result["routing"][-1] if result["routing"] else None
             result["routing"].append(diagnose(model, tasks, 64 if not config.quick else 8, before))
+    for name, route_anew in POSTHOC.get(label, {}).items():  # the final model, its factors routed otherwise
+        model = route_anew(model)
+        scores = train_toy.evaluate(model, train_toy.TOK, sets)
+        result.setdefault("posthoc", {})[name] = {
+            "seen": common.mean_accuracy(scores, "seen"), "heldout": common.mean_accuracy(scores, "heldout"),
+            "routing": {k: v for k, v in diagnose(model, tasks, 64 if not config.quick else 8, None).items() if k != "hots"}}
     for point in result["routing"]:
         del point["hots"]  # what each point compared with its predecessor
     result["seconds"] = time.time() - start
@@ -604,9 +719,11 @@ def tables(results: dict) -> str:
                   "Steps to 90 % on the seen phrasings per seed (-: never), the final accuracy on the seen and "
                   "the held-out phrasings (mean ± std over seeds), "
                   "and, at the end, per block: the probe's accuracy and within − between Jaccard "
-                  "(mean over seeds), and the largest share of selections that changed over the last interval:", "",
-                  "| method | seeds | steps to 90 % | final seen % | final held-out % | probe per block | within − between per block | changed |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "(mean over seeds), the same for a held-out phrasing's selection against the seen phrasings' "
+                  "(its task's − the other tasks'), and the largest share of selections that changed over the last interval:", "",
+                  "| method | seeds | steps to 90 % | final seen % | final held-out % | probe per block | within − between per block "
+                  "| held-out: within − between per block | changed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for label, runs in by_method.items():
             seeds = ", ".join(str(r["seed"]) for r in runs)
             reach = " / ".join("-" if s is None else str(s) for s in map(steps_to, runs))
@@ -617,9 +734,12 @@ def tables(results: dict) -> str:
                 probe_cells = " · ".join(f"{v:.2f}" for v in np.mean([e["probe"] for e in ends], axis=0))
                 gap = " · ".join(f"{v:+.2f}" for v in np.mean([np.subtract(e["within"], e["between"]) for e in ends], axis=0))
                 changed = f"{max(max(e.get('changed', [0.0])) for e in ends):.2f}"
+                moved = " · ".join(f"{v:+.2f}" for v in np.mean(
+                    [np.subtract(e["heldout_within"], e["heldout_between"]) for e in ends], axis=0)) \
+                    if all("heldout_within" in e for e in ends) else "-"  # ("-": cached before it was measured)
             else:
-                probe_cells = gap = changed = "-"
-            lines.append(f"| {label} | {seeds} | {reach} | {final} | {heldout} | {probe_cells} | {gap} | {changed} |")
+                probe_cells = gap = changed = moved = "-"
+            lines.append(f"| {label} | {seeds} | {reach} | {final} | {heldout} | {probe_cells} | {gap} | {moved} | {changed} |")
         if key in results.get("signal", {}):
             lines += [""] + signal_table(results["signal"][key])
         if oracle and None not in oracle:

@@ -217,6 +217,83 @@ def test_instruction_words_update_start_separates_the_tasks_in_every_block(tmp_p
     assert len(gaps) == len(model.layers) and (gaps > 0.2).all() and np.ptp(gaps) < 1e-9
 
 
+def test_known_words_routing_ignores_words_the_fit_never_saw(tmp_path):
+    # known=True: x̄ is the mean embedding of the words of the start's prompts only, so a word no
+    # training prompt used moves no selection; without it, the same word does. An instruction of
+    # unknown words only falls back to all its words.
+    config = replace(train_toy.quick(train_toy.Config(checkpoints=str(tmp_path))), conflict=(2, 1.0))
+    tasks = list(train_toy.suite(config).values())
+    examples = [e for t in tasks for e in toy_tasks.samples(t, 8, f"known-{t.name}")]
+    images, tokens, lens = train_toy.collate(examples, train_toy.TOK, "cpu", with_answer=False)
+    unseen = train_toy.TOK.stoi["tell"]  # a word of the held-out phrasings only
+    with_unseen = torch.cat([torch.full((len(tokens), 1), unseen), tokens], 1)  # "tell" before each prompt
+
+    def chosen(label: str, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        changes, adapt = routers.METHODS[label]
+        model = common.untrained(replace(config, **changes), adapt).eval()
+        with torch.no_grad():
+            model(images, tokens, lens)
+        layer = next(m for m in model.modules() if isinstance(m, routers.InstructionWords))
+        return layer, torch.cat([layer.last_routing.index_a, layer.last_routing.index_b], 1)
+
+    layer, before = chosen("words + update k-means + known words; frozen", tokens, lens)
+    assert not layer.known[unseen] and layer.known[tokens[0, 0]]
+    assert torch.equal(chosen("words + update k-means + known words; frozen", with_unseen, lens + 1)[1], before)
+    _, plain = chosen("instruction words + update k-means; frozen", tokens, lens)
+    assert not torch.equal(chosen("instruction words + update k-means; frozen", with_unseen, lens + 1)[1], plain)
+    only_unseen = torch.full((2, 3), unseen)
+    x = torch.randn(2, 3, 8)
+    layer.embedded, layer.tokens = x, only_unseen
+    torch.testing.assert_close(layer.x_bar(torch.ones(2, 3, dtype=torch.bool)), x.mean(1))
+
+
+def test_universal_factors_are_chosen_for_every_instance():
+    torch.manual_seed(0)
+    layer = routers.UniversalWords(nn.Linear(6, 5), 8, 4, d_words=3, universal=2, conditional=False,
+                                   scores="sigmoid")
+    layer.embedded, layer.tokens = torch.randn(50, 4, 3), torch.zeros(50, 4, dtype=torch.long)
+    routing = layer.route(torch.randn(50, 4, 6), torch.ones(50, 4, dtype=torch.bool))
+    for index in (routing.index_a, routing.index_b):
+        assert (index[:, :2] == torch.tensor([0, 1])).all()  # the universal ones, first in canonical order
+        assert len(torch.unique(index[:, 2:], dim=0)) > 1  # the other two are routed: they differ
+
+
+def test_arrow_routes_by_the_top_right_singular_vector_of_each_factor_less_the_mean():
+    # Written out: v_e is the unit vector that (ΔW_e − mean_f ΔW_f) stretches most; an x̄ along v_e
+    # (and orthogonal to the others) scores e highest, whatever its sign.
+    torch.manual_seed(0)
+    E, r, d = 4, 1, 6
+    trained = MixLoRALinear(nn.Linear(d, 5, dtype=F64), E, r, conditional=False)
+    with torch.no_grad():
+        trained.lora_A.copy_(torch.eye(E, d, dtype=F64) * torch.tensor([[2.0], [2.5], [3.0], [3.5]], dtype=F64))
+        trained.lora_B.copy_(torch.eye(5, E, dtype=F64))
+    arrow = routers.ArrowRouting(trained)
+    with torch.no_grad():
+        delta = torch.stack([torch.outer(trained.lora_B[:, e], trained.lora_A[e]) for e in range(E)])
+        delta = delta - delta.mean(0)
+    for e in range(E):
+        v = arrow.prototypes[e].double()
+        assert torch.linalg.vector_norm(delta[e] @ v) == pytest.approx(float(torch.linalg.matrix_norm(delta[e], 2)), rel=1e-6)
+    x = torch.zeros(E, 1, d)
+    x[torch.arange(E), 0, torch.arange(E)] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # instance e along a_e, either sign
+    signs = torch.sign(arrow.prototypes[torch.arange(E), torch.arange(E)])
+    assert (arrow.prototypes[torch.arange(E), torch.arange(E)].abs() > 0.5).all() and signs.abs().min() == 1
+    assert torch.equal(arrow.route(x).index_a[:, 0], torch.arange(E))
+    assert arrow.lora_A is trained.lora_A and arrow.lora_B is trained.lora_B  # the trained factors themselves
+
+
+def test_heldout_routing_of_the_oracle_is_its_tasks(tmp_path):
+    config = replace(train_toy.quick(train_toy.Config(checkpoints=str(tmp_path))), conflict=(2, 1.0))
+    changes, adapt = routers.METHODS["oracle"]
+    model = common.untrained(replace(config, **changes), adapt).eval()
+    report = routers.diagnose(model, list(train_toy.suite(config).values()), 8, None)
+    assert report["heldout_within"] == [1.0, 1.0] and report["heldout_between"] == [0.0, 0.0]
+    changes, adapt = routers.METHODS["MixLoRA sigmoid"]
+    model = common.untrained(replace(config, **changes), adapt).eval()
+    report = routers.diagnose(model, list(train_toy.suite(config).values()), 8, None)
+    assert all(0 < w < 1 for w in report["heldout_within"])
+
+
 def test_steps_to_and_separation():
     run = {"steps": [0, 50, 100, 150], "seen": [10.0, 89.9, 90.0, 100.0]}
     assert routers.steps_to(run) == 100 and routers.steps_to(run, 101.0) is None
