@@ -48,6 +48,7 @@ import toy_tasks
 import train_toy
 from experiments import common
 from experiments.common import cell
+from hf.routing import fitted, k_means, ridge
 from mixlora import SCORES, MixLoRALinear, Routing, mark_only_adapters_trainable, replace_linears, straight_through
 from tiny_mllm import TinyMLLM, answer_mask
 from train_toy import Config
@@ -410,22 +411,6 @@ def answer_update_gram(model: TinyMLLM, images: Tensor, tokens: Tensor, prompt_l
     return (g @ g.T).cpu() * (v @ v.T)  # <g_i ⊗ v_i, g_j ⊗ v_j> = <g_i, g_j> <v_i, v_j>
 
 
-def ridge(X: Tensor, Y: Tensor) -> Tensor:
-    """The least-squares map W (d, k) from X (n, d) to Y (n, k), with a little ridge: (XᵀX + λI)⁻¹ XᵀY."""
-    XtX = X.T @ X
-    return torch.linalg.solve(XtX + 1e-2 * XtX.trace() / len(XtX) * torch.eye(len(XtX), dtype=X.dtype), X.T @ Y)
-
-
-def fitted(X: Tensor, gram: Tensor, m: int = 32) -> Tensor:
-    """Features U (n, ·) given by their Gram matrix (n, n), least-squares fitted on X (n, d): the
-    part of U that X predicts, as its top m directions (n, m). Fitting on the instruction's x̄
-    averages out what varies within an instruction (the image)."""
-    X = X - X.mean(0)
-    hat = X @ ridge(X, torch.eye(len(X), dtype=X.dtype))  # (n, n): the fit's hat matrix
-    values, vectors = torch.linalg.eigh(hat @ gram @ hat)
-    return vectors[:, -m:] * values[-m:].clamp_min(0).sqrt()
-
-
 class XBarRecorder:
     """Keeps the x̄ a MixLoRA layer's router reads on its next forward (its masked mean), or with
     image_tokens = P the x̄ over the instruction's positions only."""
@@ -439,17 +424,6 @@ class XBarRecorder:
         mask = layer.mask.clone()
         mask[:, :self.image_tokens] = False
         self.x_bar = common.masked_mean(inputs[0], mask)
-
-
-def k_means(x: Tensor, k: int, iters: int, gen: torch.Generator) -> Tensor:
-    """Lloyd's algorithm from k points drawn at random: (n, d) -> (k, d) centroids."""
-    centroids = x[torch.randperm(len(x), generator=gen)[:k]].clone()
-    for _ in range(iters):
-        nearest = torch.cdist(x, centroids).argmin(1)  # (n,)
-        for j in range(k):
-            if (nearest == j).any():
-                centroids[j] = x[nearest == j].mean(0)
-    return centroids
 
 
 # label: (how the run differs from the cell's Config, its Adapt)

@@ -30,6 +30,8 @@ The adapters go on the language model only: model.get_decoder(), the module tran
 language_model (LLaVA, Qwen2-VL, Gemma 3) or text_model (Idefics3); the vision tower, the projector and
 lm_head are outside it. Defaults are the authors' released recipe: q, k, v, o, gate, up, down of that LM,
 E = 16, r = 4, α = 2E (2r for LoRA), dropout 0.05, lr 4e-5 cosine (LLaVA's 3% warm-up), 3 epochs.
+--router words (ours, not the paper's: hf/routing.py) routes every layer on the instruction's mean input
+embedding, with routers fitted by update k-means on the first --start-records records, then frozen.
 """
 
 import argparse
@@ -47,6 +49,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 import cli
+from hf.routing import WordsLinear, add_words, update_kmeans_start
 from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapters, mark_only_adapters_trainable,
                      routing_mask, save_adapters, save_atomically)
 
@@ -92,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=cli.above(0.0), help="α > 0, scale α/r (default 2E for MixLoRA, 2r for LoRA)")
     p.add_argument("--scores", default="softmax", choices=["softmax", "sigmoid"],
                    help="MixLoRA's router scores: softmax over E (the paper) or one sigmoid per factor")
+    p.add_argument("--router", default="paper", choices=["paper", "words"], help="MixLoRA's routers: the paper's, "
+                   "or (ours, hf/routing.py) frozen ones on the instruction's mean input embedding, started by update k-means")
+    p.add_argument("--start-records", type=cli.at_least(1), default=512,
+                   help="--router words: the first training records its start is fitted on")
     p.add_argument("--dropout", type=cli.at_least(0.0, float), default=0.05, help="adapter dropout, in [0, 1)")
     p.add_argument("--targets", default=TARGETS, help="comma-separated names of the LM's linears to adapt")
     p.add_argument("--epochs", type=cli.at_least(1), default=3)
@@ -116,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.method == "mixlora" and args.factors < args.rank:
         p.error(f"argument --factors: expected E >= --rank {args.rank} (each instance picks r of E), "
                 f"got {args.factors}")
+    if args.method == "lora" and args.router == "words":
+        p.error("argument --router: words routes MixLoRA's factors; --method lora has no routers")
     if not args.generate and not (args.model and args.data):
         p.error("argument --data: training needs --model and --data (or answer prompts with --generate PROMPTS)")
     shards = int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum
@@ -243,10 +252,24 @@ def language_model(model: PreTrainedModel) -> torch.nn.Module:
     return lm
 
 
+def image_token_id(model: PreTrainedModel) -> int:
+    """The id of the image placeholder token, which the words router leaves out of the instruction."""
+    token = getattr(model.config, "image_token_id", None)
+    if token is None:
+        raise InputError(f"--router words needs the model's image token id, and {type(model).__name__}'s config "
+                         f"has no image_token_id")
+    return token
+
+
 def add_adapters(model: PreTrainedModel, config: dict) -> None:
-    """LoRA or MixLoRA on the LM's targets, as the flags say; ValueError names a bad target."""
+    """LoRA or MixLoRA (the paper's routers, or the words router) on the LM's targets, as the flags say;
+    ValueError names a bad target."""
     if config["method"] == "lora":
         add_lora(language_model(model), config["targets"], config["rank"], config["alpha"], config["dropout"])
+    elif config.get("router") == "words":
+        add_words(language_model(model), config["targets"], config["factors"], config["rank"],
+                  model.get_input_embeddings().embedding_dim, image_token_id(model), config["alpha"],
+                  config["dropout"], config["scores"])
     else:
         add_mixlora(language_model(model), config["targets"], config["factors"], config["rank"], config["alpha"],
                     config["dropout"], scores=config["scores"])
@@ -292,9 +315,13 @@ def saved_config(out: Path) -> dict:
 def load(model: PreTrainedModel, out: Path) -> None:
     """Put the adapters saved in out onto model (the base they were trained on)."""
     try:
-        load_adapters(model, out)  # the same add_lora / add_mixlora calls, then the tensors
+        load_adapters(model, out)  # the same add_lora / add_mixlora / add_words calls, then the tensors
     except ValueError as e:  # another base model, or files this mixlora.py cannot read
         raise InputError(" ".join(str(e).split())) from None  # one line, as every error here
+    words = {m.image_token_id for m in model.modules() if isinstance(m, WordsLinear)}
+    if words and words != {image_token_id(model)}:
+        raise InputError(f"{out}: the words router was trained with image token id {words.pop()}, but this "
+                         f"{type(model).__name__}'s is {image_token_id(model)}: another base model?")
 
 
 # ---- train and answer ------------------------------------------------------------------------------
@@ -303,13 +330,15 @@ def train(args: argparse.Namespace) -> PreTrainedModel:
     records = load_records(args.data, args.image_folder, answers=True)
     eval_records = load_records(args.eval_data, args.image_folder, answers=True) if args.eval_data else None
     config = {k: getattr(args, k) for k in ("model", "method", "factors", "rank", "alpha", "scores", "dropout",
-                                            "targets", "bf16")}
+                                            "targets", "bf16", "router")}
     set_seed(args.seed)  # the adapters' init: the same in every process
     processor = AutoProcessor.from_pretrained(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
     try:
         add_adapters(model, config)
+    except InputError:
+        raise
     except ValueError as e:  # a target that matches nothing, or something that is not an nn.Linear
         raise InputError(f"argument --targets: {e}") from None
     mark_only_adapters_trainable(model)  # the adapters are float32 on a bfloat16 base too (add_mixlora's upcast)
@@ -334,6 +363,14 @@ def train(args: argparse.Namespace) -> PreTrainedModel:
         ddp_find_unused_parameters=False,  # every adapter parameter gets a gradient, zeros if unchosen
         deepspeed=args.deepspeed,
         **checkpointing)
+    if args.router == "words":  # the start, from the base model's answers to the first --start-records records
+        first, size, collate = records[:args.start_records], targs.per_device_train_batch_size, Collator(processor, True)
+        if len(first) < args.factors:
+            raise InputError(f"argument --start-records: the start clusters records into E = {args.factors} "
+                             f"clusters, so it needs at least {args.factors} records; got {len(first)}")
+        update_kmeans_start(model.to(targs.device), (collate(first[i:i + size]) for i in range(0, len(first), size)),
+                            seed=args.seed)
+        config["start_records"] = len(first)
     trainer = MixLoRATrainer(model=model, args=targs, train_dataset=records, eval_dataset=eval_records,
                              data_collator=Collator(processor, train=True))
     trainer.train()
