@@ -267,9 +267,9 @@ def add_adapters(model: PreTrainedModel, config: dict) -> None:
     if config["method"] == "lora":
         add_lora(language_model(model), config["targets"], config["rank"], config["alpha"], config["dropout"])
     elif config.get("router") == "words":
-        add_words(language_model(model), config["targets"], config["factors"], config["rank"],
-                  model.get_input_embeddings().embedding_dim, image_token_id(model), config["alpha"],
-                  config["dropout"], config["scores"])
+        embedding = model.get_input_embeddings()
+        add_words(language_model(model), config["targets"], config["factors"], config["rank"], embedding.embedding_dim,
+                  image_token_id(model), embedding.num_embeddings, config["alpha"], config["dropout"], config["scores"])
     else:
         add_mixlora(language_model(model), config["targets"], config["factors"], config["rank"], config["alpha"],
                     config["dropout"], scores=config["scores"])

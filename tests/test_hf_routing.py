@@ -13,7 +13,7 @@ from tests.test_finetune_vlm import without_video_processor  # noqa: E402,F401  
 
 from hf import finetune_vlm  # noqa: E402
 from hf.routing import (WordsLinear, add_words, answer_update, instruction_mask, kmeans_routers,  # noqa: E402
-                        update_kmeans_start, words_x_bar)
+                        known_words, update_kmeans_start, words_x_bar)
 from mixlora import adapter_state_dict, mark_only_adapters_trainable, read_adapters, routing_mask  # noqa: E402
 
 F64 = torch.float64
@@ -25,7 +25,8 @@ def words_llava(folder, n: int = 8, E: int = 8, r: int = 2):
     processor = tiny_processor()
     model = tiny_llava(processor).double()
     torch.manual_seed(1)
-    add_words(finetune_vlm.language_model(model), TARGETS, E, r, d_words=32, image_token_id=model.config.image_token_id)
+    add_words(finetune_vlm.language_model(model), TARGETS, E, r, d_words=32, image_token_id=model.config.image_token_id,
+              vocab_size=model.get_input_embeddings().num_embeddings)
     data = [dict(rec, image=str(folder / rec["image"])) for rec in records(folder, n)]
     batch = finetune_vlm.Collator(processor, train=True)(data)
     batch["pixel_values"] = batch["pixel_values"].double()
@@ -93,7 +94,7 @@ def test_answer_update_is_the_gradient_of_a_linear_image_to_logits_map(tmp_path)
     """g_i ⊗ v_i, written out: ∂/∂M of instance i's summed answer loss with logits + M v_i, at M = 0, where v_i
     is the mean of the projector's image features (what the LM receives at the image tokens)."""
     model, _, batch = words_llava(tmp_path, n=4)
-    x_bar, g, v = answer_update(model, batch, model.config.image_token_id)
+    x_bar, _, g, v, _ = answer_update(model, batch, model.config.image_token_id)
     with routing_mask(model, prompt_mask(batch)), torch.no_grad():
         logits = model(**{k: t for k, t in batch.items() if k != "labels"}).logits  # (N, T, vocab)
         features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
@@ -130,6 +131,40 @@ def test_kmeans_routers_give_each_factor_to_one_task_whatever_the_phrasing():
         kmeans_routers(x_bar[:12], (U @ U.T)[:12, :12], 16, 25, gen)
 
 
+def test_the_routers_are_fitted_on_the_word_dropout_copies_and_read_only_known_words(tmp_path):
+    # Written out: R is the ridge fit of every copy's x̄ to its instance's target, scaled to logits of std 2.
+    gen = torch.Generator().manual_seed(0)
+    x_bar, U = torch.randn(40, 6, dtype=F64, generator=gen), torch.randn(40, 5, dtype=F64, generator=gen)
+    dropped = x_bar + 0.3 * torch.randn(3, 40, 6, dtype=F64, generator=gen)
+    R = kmeans_routers(x_bar, U @ U.T, 4, 25, torch.Generator().manual_seed(1), dropped)
+    from hf.routing import fitted, k_means, ridge
+    V = fitted(x_bar, U @ U.T)
+    target = -torch.cdist(V, k_means(V, 4, 25, torch.Generator().manual_seed(1))) ** 2
+    target = target - target.mean(1, keepdim=True) - (target - target.mean(1, keepdim=True)).mean(0)
+    X = dropped.flatten(0, 1)
+    W = torch.linalg.solve(X.T @ X + 1e-2 * (X.T @ X).trace() / 6 * torch.eye(6, dtype=F64), X.T @ target.repeat(3, 1))
+    torch.testing.assert_close(R, (W * 2.0 / (X @ W).std()).T, rtol=1e-9, atol=1e-12)
+    # The start: known = the instruction words of its batches; a word it never saw moves no selection.
+    model, processor, batch = words_llava(tmp_path)
+    update_kmeans_start(model, [batch])
+    layer, tok = words_layers(model)[0], processor.tokenizer
+    words = instruction_mask(batch["input_ids"], prompt_mask(batch), model.config.image_token_id)
+    assert torch.equal(layer.known.nonzero()[:, 0], batch["input_ids"][words].unique())
+    unseen = next(i for i in range(len(layer.known)) if not layer.known[i] and i != model.config.image_token_id)
+    other = dict(batch, input_ids=batch["input_ids"].clone())
+    first_word = words.float().argmax(1)  # each instruction's first word, replaced by an unseen one ...
+    other["input_ids"][torch.arange(len(words)), first_word] = unseen
+    assert not torch.equal(other["input_ids"], batch["input_ids"])
+    # ... routes as the instruction without it (the known words' mean), which a plain mean would not
+    x = words_x_bar(layer.embedded, words)
+    selections(model, other)  # (hands other's embedding to the layers)
+    without = words.clone()
+    without[torch.arange(len(words)), first_word] = False
+    torch.testing.assert_close(words_x_bar(layer.embedded, known_words(words, other["input_ids"], layer.known)),
+                               words_x_bar(layer.embedded, without), rtol=0, atol=0)
+    assert not torch.allclose(words_x_bar(layer.embedded, words), x)
+
+
 def test_the_start_is_frozen_and_an_optimizer_step_changes_no_selection(tmp_path):
     model, _, batch = words_llava(tmp_path)
     layers = words_layers(model)
@@ -164,7 +199,7 @@ def test_router_words_trains_saves_loads_and_answers_as_the_trained_model(llava_
     [group] = config["adapters"]
     assert {k: v for k, v in group.items() if k != "modules"} == dict(
         method="words", num_factors=8, rank=2, alpha=16.0, dropout=0.0, scores="softmax", upcast=True, d_words=32,
-        image_token_id=model.config.image_token_id)
+        image_token_id=model.config.image_token_id, vocab_size=model.get_input_embeddings().num_embeddings)
     assert len(group["modules"]) == 2 * 7 and len(words_layers(model)) == 2 * 7
     assert tensors.keys() == adapter_state_dict(model).keys()
     assert all(torch.equal(tensors[k], v) for k, v in adapter_state_dict(model).items())
@@ -211,6 +246,7 @@ def test_router_words_refuses_lora_too_few_records_and_adapters_of_another_model
     written = json.loads((out / "adapter_config.json").read_text())
     for key, value, says in [("image_token_id", 0, "trained with image token id 0, but this LlavaForConditional"
                                                    "Generation's is 4: another base model?"),
-                             ("d_words", 64, "d_words=64, but LlavaForConditionalGeneration's input embeddings are 32 wide")]:
+                             ("d_words", 64, "d_words=64, but LlavaForConditionalGeneration's input embeddings "
+                                             "are 26 x 32")]:
         (out / "adapter_config.json").write_text(json.dumps(dict(written, adapters=[dict(written["adapters"][0], **{key: value})])))
         assert says in generate_error(llava_dir, out, capsys)
