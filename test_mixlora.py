@@ -12,9 +12,9 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixlora import (SCORES, LoRALinear, MixLoRALinear, adapter_state_dict, add_lora, add_mixlora,
-                     load_adapter_state_dict, load_adapters, mark_only_adapters_trainable, routing_mask,
-                     save_adapters)
+from mixlora import (SCORES, LoRALinear, MixLoRALinear, WordsLinear, adapter_state_dict, add_lora, add_mixlora,
+                     add_words, kmeans_routers, load_adapter_state_dict, load_adapters, mark_only_adapters_trainable,
+                     routing_mask, save_adapters)
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("default")
@@ -501,6 +501,146 @@ def test_bad_inputs_raise_with_what_is_expected():
 
 
 # ---- models: add, mark trainable, save, load -------------------------------------------------------
+
+# ---- routing on the instruction's words (ours, §3.11) ---------------------------------------------
+
+IMAGE = 1  # the image placeholder token of WordsModel's vocabulary
+
+
+class WordsModel(nn.Module):
+    """What the words router needs of a model: get_input_embeddings(), and linears that read its output."""
+
+    def __init__(self, vocab: int = 12, d: int = 6):
+        super().__init__()
+        self.embed, self.up, self.down = nn.Embedding(vocab, d, dtype=F64), nn.Linear(d, 8, dtype=F64), nn.Linear(8, d, dtype=F64)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(self.embed(ids))))
+
+
+def words_base() -> WordsModel:
+    torch.manual_seed(10)
+    return WordsModel()
+
+
+def words_model(E: int, r: int, seed: int = 0) -> nn.Module:
+    base = words_base()
+    torch.manual_seed(seed)
+    model = add_words(base, ["up", "down"], E, r, d_words=6, image_token_id=IMAGE, vocab_size=12, alpha=3.0)
+    with torch.no_grad():
+        for layer in (model.up, model.down):
+            nn.init.normal_(layer.lora_B)
+    return model
+
+
+def words_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (5, 7) with an image token in every prompt, and the prompt mask (its first 4 or 5 positions)."""
+    ids = torch.randint(2, 12, (5, 7), generator=g)
+    ids[:, 1] = IMAGE
+    mask = torch.arange(7) < torch.tensor([4, 5, 4, 5, 4])[:, None]
+    return ids, mask
+
+
+def test_words_routing_is_top_r_of_the_known_instruction_words_mean():
+    """Written out: x̄ = the mean embedding of the prompt's words but the image token and the unknown ones
+    (all of its words where none is known), S^A = top-r(σ or softmax of R^A x̄) ascending; the same in every layer."""
+    model, g = words_model(E=6, r=2), torch.Generator().manual_seed(1)
+    ids, mask = words_batch(g)
+    known = torch.ones(12, dtype=torch.bool)
+    known[[3, 4]] = False
+    ids[0, :5] = torch.tensor([3, IMAGE, 4, 3, 4])  # an instruction of unknown words only: all of them count
+    for layer in (model.up, model.down):
+        layer.known.copy_(known)
+        layer.router_A.normal_(generator=g)
+    with routing_mask(model, mask), torch.no_grad():
+        model(ids)
+    E = model.embed.weight
+    for n in range(5):
+        words = [t for t in range(7) if mask[n, t] and ids[n, t] != IMAGE]
+        kept = [t for t in words if known[ids[n, t]]] or words
+        x_bar = E[ids[n, kept]].mean(0)
+        for layer in (model.up, model.down):
+            expected = (layer.router_A @ x_bar).topk(2).indices.sort().values
+            assert torch.equal(layer.last_routing.index_a[n], expected)
+
+
+def test_words_routing_at_E_equals_r_trains_as_lora():
+    """E = r: every factor is chosen, so the words router is LoRA, in the output, the pools' gradients and after
+    AdamW steps; and no gradient reaches the routers (buffers) or the embedding through the routing."""
+    words, g = words_model(E=3, r=3), torch.Generator().manual_seed(2)
+    lora = add_lora(words_base(), ["up", "down"], 3, alpha=3.0)
+    lora.load_state_dict({k: v for k, v in words.state_dict().items() if "router" not in k and "known" not in k})
+    mark_only_adapters_trainable(words)
+    mark_only_adapters_trainable(lora)
+    assert [n for n, p in words.named_parameters() if p.requires_grad] == [n for n, p in lora.named_parameters() if p.requires_grad]
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (words, lora)]
+    for _ in range(3):
+        ids, mask = words_batch(g)
+        with routing_mask(words, mask):
+            y = words(ids)
+            y.pow(2).sum().backward()
+        z = lora(ids)
+        z.pow(2).sum().backward()
+        torch.testing.assert_close(y, z, rtol=1e-12, atol=1e-12)
+        for (n, p), q in zip(((n, p) for n, p in words.named_parameters() if p.requires_grad),
+                             (q for q in lora.parameters() if q.requires_grad), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+        assert words.up.last_routing.p_a.grad_fn is None and words.up.router_A.grad is None
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(words.up.lora_A, lora.up.lora_A, rtol=1e-10, atol=1e-12)
+
+
+def test_words_routing_trains_the_chosen_factors_only_and_its_gates_carry_no_gradient():
+    """E > r: the pools' gradient is that of y = W x + (α/r) Σ_j b_{S^B_j} (a_{S^A_j} · x) with the routing's S
+    held fixed (gates exactly 1, no gradient through them): unchosen rows get exactly zero."""
+    model, g = words_model(E=6, r=2), torch.Generator().manual_seed(3)
+    ids, mask = words_batch(g)
+    mark_only_adapters_trainable(model)
+    with routing_mask(model, mask):
+        model(ids).pow(2).sum().backward()
+    layer = model.up
+    S_a, S_b = layer.last_routing.index_a, layer.last_routing.index_b  # (N, r)
+    A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    with routing_mask(model, mask):  # (down routes as before: on the same words)
+        x = model.embed(ids).detach()  # (N, T, d): up's input
+        y = layer.base(x) + layer.scaling * torch.einsum("ntd,njd,noj->nto", x, A[S_a], B.T[S_b].transpose(1, 2))
+        model.down(torch.tanh(y)).pow(2).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-10, atol=1e-12)
+    unchosen = torch.ones(6, dtype=torch.bool)
+    unchosen[S_a.flatten()] = False
+    assert unchosen.any() and (layer.lora_A.grad[unchosen] == 0).all()
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "router" in n)
+
+
+def test_words_adapters_save_and_load_with_their_known_words(tmp_path):
+    model = words_model(E=6, r=2)
+    for layer in (model.up, model.down):
+        layer.known[5] = False
+        layer.router_A.normal_()
+    save_adapters(model, tmp_path)
+    loaded = load_adapters(words_base(), tmp_path)
+    assert isinstance(loaded.up, WordsLinear) and not loaded.up.known[5] and loaded.up.known[6]
+    ids, mask = words_batch(torch.Generator().manual_seed(4))
+    with routing_mask(model, mask), routing_mask(loaded, mask), torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_kmeans_routers_rank_an_instance_s_nearest_clusters_first():
+    # Two well-separated groups of updates, words that tell them apart: top-1 is the group's cluster.
+    g = torch.Generator().manual_seed(5)
+    group = torch.arange(60) % 2
+    x_bar = torch.randn(2, 4, dtype=F64, generator=g)[group] + 0.1 * torch.randn(60, 4, dtype=F64, generator=g)
+    U = 5.0 * torch.randn(2, 3, dtype=F64, generator=g)[group] + 0.1 * torch.randn(60, 3, dtype=F64, generator=g)
+    R = kmeans_routers(x_bar, U @ U.T, 2, 10, torch.Generator().manual_seed(0))  # (E, d)
+    top = (x_bar @ R.T).argmax(1)
+    assert torch.equal(top, group) or torch.equal(top, 1 - group)
+
 
 class Block(nn.Module):
     def __init__(self, d: int = 8):

@@ -48,8 +48,8 @@ import toy_tasks
 import train_toy
 from experiments import common
 from experiments.common import cell
-from hf.routing import fitted, k_means, ridge
-from mixlora import SCORES, MixLoRALinear, Routing, mark_only_adapters_trainable, replace_linears, straight_through
+from mixlora import (SCORES, MixLoRALinear, Routing, fitted, k_means, mark_only_adapters_trainable, replace_linears, ridge,
+                     straight_through)
 from tiny_mllm import TinyMLLM, answer_mask
 from train_toy import Config
 

@@ -49,9 +49,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 
 import cli
-from hf.routing import WordsLinear, add_words, update_kmeans_start
-from mixlora import (add_lora, add_mixlora, adapter_state_dict, load_adapters, mark_only_adapters_trainable,
-                     routing_mask, save_adapters, save_atomically)
+from hf.routing import update_kmeans_start
+from mixlora import (WordsLinear, add_lora, add_mixlora, add_words, adapter_state_dict, load_adapters,
+                     mark_only_adapters_trainable, routing_mask, save_adapters, save_atomically)
 
 # LLaVA v1's conversation, "USER: <image>\\n{question} ASSISTANT: {answer}</s>", as a chat template: for
 # checkpoints without one of their own (llava-1.5 in its original release, a model built from a config).

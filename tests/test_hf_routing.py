@@ -12,8 +12,9 @@ from tests.test_finetune_vlm import llava_dir, one_thread, records, saved_vlm, t
 from tests.test_finetune_vlm import without_video_processor  # noqa: E402,F401  (saved_vlm's)
 
 from hf import finetune_vlm  # noqa: E402
-from hf.routing import (WordsLinear, add_words, answer_update, instruction_mask, kmeans_routers,  # noqa: E402
-                        known_words, update_kmeans_start, words_x_bar)
+from hf.routing import answer_update, update_kmeans_start  # noqa: E402
+from mixlora import (WordsLinear, add_words, instruction_mask, kmeans_routers, known_words,  # noqa: E402
+                     words_x_bar)
 from mixlora import adapter_state_dict, mark_only_adapters_trainable, read_adapters, routing_mask  # noqa: E402
 
 F64 = torch.float64
@@ -137,7 +138,7 @@ def test_the_routers_are_fitted_on_the_word_dropout_copies_and_read_only_known_w
     x_bar, U = torch.randn(40, 6, dtype=F64, generator=gen), torch.randn(40, 5, dtype=F64, generator=gen)
     dropped = x_bar + 0.3 * torch.randn(3, 40, 6, dtype=F64, generator=gen)
     R = kmeans_routers(x_bar, U @ U.T, 4, 25, torch.Generator().manual_seed(1), dropped)
-    from hf.routing import fitted, k_means, ridge
+    from mixlora import fitted, k_means
     V = fitted(x_bar, U @ U.T)
     target = -torch.cdist(V, k_means(V, 4, 25, torch.Generator().manual_seed(1))) ** 2
     target = target - target.mean(1, keepdim=True) - (target - target.mean(1, keepdim=True)).mean(0)
