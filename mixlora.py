@@ -20,6 +20,8 @@ instance n builds its own ΔW_n from r of them:
 
 scores="sigmoid" (this project's option, not the paper's) puts a per-factor σ where the three
 softmaxes over E stand: one factor's score no longer rises only by pushing the others down.
+add_words (ours too, at the end of the file) routes every layer on the instruction's words instead
+of x̄, with routers fitted once from the training answers and frozen (docs/method.md §3.11).
 
 The spec, in full and with numbered sections (§), is docs/method.md. Read top to bottom:
 LoRALinear (the baseline), MixLoRALinear (route, forward, delta_weight), then the helpers that put
@@ -598,8 +600,8 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
 # Every adapted layer routes on the same x̄: the mean input embedding of the instruction's words (the prompt
 # without its image placeholder tokens), over the words its start fitted on. R^A = R^B are fitted once, from
 # what each training instance asks of the model (kmeans_routers: hf/routing.py's update_kmeans_start runs it
-# on a transformers model), and stay frozen. On the toy it routes conflicting tasks as the oracle does, and
-# keeps new phrasings (experiments/results/routers/README.md). The default stays the paper's routing.
+# on a transformers model), and stay frozen. What it buys and costs on the toy, against the paper's routing
+# and the oracle: experiments/results/routers/README.md. The default stays the paper's routing.
 
 def instruction_mask(input_ids: Tensor, prompt_mask: Tensor, image_token_id: int) -> Tensor:
     """The instruction's positions (N, L) bool: the prompt mask without the image placeholder tokens."""

@@ -714,6 +714,13 @@ def tables(results: dict) -> str:
             else:
                 probe_cells = gap = changed = moved = "-"
             lines.append(f"| {label} | {seeds} | {reach} | {final} | {heldout} | {probe_cells} | {gap} | {moved} | {changed} |")
+            for name in runs[0].get("posthoc", {}):  # the final models, routed anew (POSTHOC)
+                post = [r["posthoc"][name] for r in runs]
+                lines.append(f"| {label}, then {name} | {seeds} | - | {cell([p['seen'] for p in post])} | "
+                             f"{cell([p['heldout'] for p in post])} | - | " + " · ".join(f"{v:+.2f}" for v in np.mean(
+                                 [np.subtract(p["routing"]["within"], p["routing"]["between"]) for p in post], axis=0))
+                             + " | " + " · ".join(f"{v:+.2f}" for v in np.mean([np.subtract(
+                                 p["routing"]["heldout_within"], p["routing"]["heldout_between"]) for p in post], axis=0)) + " | - |")
         if key in results.get("signal", {}):
             lines += [""] + signal_table(results["signal"][key])
         if oracle and None not in oracle:

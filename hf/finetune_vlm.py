@@ -30,7 +30,7 @@ The adapters go on the language model only: model.get_decoder(), the module tran
 language_model (LLaVA, Qwen2-VL, Gemma 3) or text_model (Idefics3); the vision tower, the projector and
 lm_head are outside it. Defaults are the authors' released recipe: q, k, v, o, gate, up, down of that LM,
 E = 16, r = 4, α = 2E (2r for LoRA), dropout 0.05, lr 4e-5 cosine (LLaVA's 3% warm-up), 3 epochs.
---router words (ours, not the paper's: hf/routing.py) routes every layer on the instruction's mean input
+--router words (ours, not the paper's: mixlora.add_words, docs/method.md §3.11) routes every layer on the instruction's mean input
 embedding, with routers fitted by update k-means on the first --start-records records, then frozen.
 """
 
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scores", default="softmax", choices=["softmax", "sigmoid"],
                    help="MixLoRA's router scores: softmax over E (the paper) or one sigmoid per factor")
     p.add_argument("--router", default="paper", choices=["paper", "words"], help="MixLoRA's routers: the paper's, "
-                   "or (ours, hf/routing.py) frozen ones on the instruction's mean input embedding, started by update k-means")
+                   "or (ours, mixlora.add_words) frozen ones on the instruction's mean input embedding, started by update k-means")
     p.add_argument("--start-records", type=cli.at_least(1), default=512,
                    help="--router words: the first training records its start is fitted on")
     p.add_argument("--dropout", type=cli.at_least(0.0, float), default=0.05, help="adapter dropout, in [0, 1)")
