@@ -188,6 +188,9 @@ class UniversalWords(InstructionWords):
 
     def __init__(self, *args, universal: int, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.scores != "sigmoid":
+            raise ValueError("UniversalWords puts its universal factors first with logits of +inf: scores must be "
+                             "'sigmoid' (a softmax over them would be NaN)")
         self.universal = universal
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
@@ -216,7 +219,7 @@ class ArrowRouting(MixLoRALinear):
             self.register_buffer("prototypes", torch.linalg.svd(delta).Vh[:, 0].float())  # (E, d_in)
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        x, mask = x.detach().float(), None if mask is None else mask[:, -x.shape[1]:]
+        x = x.detach().float()
         x_bar = x.mean(1) if mask is None else common.masked_mean(x, mask)  # (N, d_in)
         p = (x_bar @ self.prototypes.T).abs()  # (N, E): the sign of a singular vector is arbitrary
         index = self.top_r(p)
@@ -457,6 +460,9 @@ METHODS: dict[str, tuple[dict, common.Adapt]] = {
     "words + update k-means + known words; frozen": (
         dict(method="words-update-known", scores="sigmoid", conditional=False, router_grad=False),
         update_kmeans(instruction_words, words=True, known=True)),
+    "words + update k-means + word dropout; frozen": (
+        dict(method="words-update-drop", scores="sigmoid", conditional=False, router_grad=False),
+        update_kmeans(instruction_words, words=True, word_dropout=0.5)),
     "words + update k-means + known words + word dropout; frozen": (
         dict(method="words-update-known-drop", scores="sigmoid", conditional=False, router_grad=False),
         update_kmeans(instruction_words, words=True, known=True, word_dropout=0.5)),

@@ -256,6 +256,8 @@ def test_universal_factors_are_chosen_for_every_instance():
     for index in (routing.index_a, routing.index_b):
         assert (index[:, :2] == torch.tensor([0, 1])).all()  # the universal ones, first in canonical order
         assert len(torch.unique(index[:, 2:], dim=0)) > 1  # the other two are routed: they differ
+    with pytest.raises(ValueError, match="scores must be 'sigmoid'"):
+        routers.UniversalWords(nn.Linear(6, 5), 8, 4, d_words=3, universal=2, conditional=False)
 
 
 def test_arrow_routes_by_the_top_right_singular_vector_of_each_factor_less_the_mean():
