@@ -599,7 +599,7 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
 # ---- Routing on the instruction's words (ours, not the paper's: docs/method.md §3.11) --------------------
 # Every adapted layer routes on the same x̄: the mean input embedding of the instruction's words (the prompt
 # without its image placeholder tokens), over the words its start fitted on. R^A = R^B are fitted once, from
-# what each training instance asks of the model (kmeans_routers: hf/routing.py's update_kmeans_start runs it
+# what each training instance asks of the model (update_targets, fit_routers: hf/routing.py's update_kmeans_start
 # on a transformers model), and stay frozen. What it buys and costs on the toy, against the paper's routing
 # and the oracle: experiments/results/routers/README.md. The default stays the paper's routing.
 
@@ -626,7 +626,7 @@ def words_x_bar(embedded: Tensor, mask: Tensor) -> Tensor:
 class WordsLinear(MixLoRALinear):
     """MixLoRA whose routers read x̄ = words_x_bar of the instruction's input embeddings, not the layer's input.
 
-    IFS only, frozen routers (buffers, router_grad=False): kmeans_routers fits them (hf/routing.py's
+    IFS only, frozen routers (buffers, router_grad=False): fit_routers fits them (hf/routing.py's
     update_kmeans_start on a transformers model), and sets `known`. `input_ids` and
     `embedded` (N, L, d_words) are handed over by add_words' hook on the input embedding; the prompt mask is
     routing_mask's, as for every MixLoRA layer, which also makes new tokens reuse the prompt's routing.
@@ -705,24 +705,27 @@ def add_words(model: nn.Module, targets: Sequence[str] | str, num_factors: int, 
 BUILDERS["words"] = add_words  # so that mixlora.load_adapters rebuilds words layers from their saved arguments
 
 
-def kmeans_routers(x_bar: Tensor, gram: Tensor, num_factors: int, iters: int, gen: torch.Generator,
-                   dropped: Tensor | None = None) -> Tensor:
-    """R (E, d) from the words x̄ (n, d) and the Gram (n, n) of the updates U_i:
+def update_targets(x_bar: Tensor, gram: Tensor, num_clusters: int, iters: int, gen: torch.Generator) -> Tensor:
+    """What the routers are fitted to, from the words x̄ (n, d) and the Gram (n, n) of the updates U_i:
 
       1. U = fitted(x̄, gram): the part of U the words predict (the image averages out);
-      2. k-means of U with k = E: factor e is cluster e's, in every layer;
-      3. R = ridge(x̄, target)ᵀ, target = −(distance to each centroid)² centred per row and per column, so
-         that an instance's top-r are its r nearest clusters, scaled to logits of standard deviation 2;
-         fitted on the word-dropout copies `dropped` (copies, n, d) of x̄ where given, each with its
-         instance's target.
+      2. k-means of U with k = num_clusters (E): factor e is cluster e's, in every layer;
+      3. target (n, k) = −(distance to each centroid)², centred per instance and per cluster, so that
+         an instance's largest are its nearest clusters, and no cluster is favoured on average.
     """
-    if len(x_bar) < num_factors:
-        raise ValueError(f"the start clusters instances into E = {num_factors} clusters; it needs at least "
-                         f"{num_factors} instances, got {len(x_bar)}")
+    if len(x_bar) < num_clusters:
+        raise ValueError(f"the start clusters instances into E = {num_clusters} clusters; it needs at least "
+                         f"{num_clusters} instances, got {len(x_bar)}")
     U = fitted(x_bar, gram)  # (n, 32)
-    target = -torch.cdist(U, k_means(U, num_factors, iters, gen)) ** 2  # (n, E)
+    target = -torch.cdist(U, k_means(U, num_clusters, iters, gen)) ** 2  # (n, k)
     target = target - target.mean(1, keepdim=True)  # only an instance's ranking of the clusters counts
-    target = target - target.mean(0)  # no factor favoured on average: a bias-free router has no offset
+    return target - target.mean(0)  # no factor favoured on average: a bias-free router has no offset
+
+
+def fit_routers(x_bar: Tensor, target: Tensor, dropped: Tensor | None = None) -> Tensor:
+    """R (E, d) = ridge(x̄, target)ᵀ, scaled to logits of standard deviation 2: an instance's top-r are
+    its r nearest clusters. Fitted on the word-dropout copies `dropped` (copies, n, d) of x̄ where
+    given, each with its instance's target (word dropout: no single word of a phrasing decides)."""
     X, Y = (x_bar, target) if dropped is None else (dropped.flatten(0, 1), target.repeat(len(dropped), 1))
     R = ridge(X, Y)  # (d, E)
     return (R * 2.0 / (X @ R).std().clamp_min(1e-12)).T

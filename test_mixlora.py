@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixlora import (SCORES, LoRALinear, MixLoRALinear, WordsLinear, adapter_state_dict, add_lora, add_mixlora,
-                     add_words, kmeans_routers, load_adapter_state_dict, load_adapters, mark_only_adapters_trainable,
-                     routing_mask, save_adapters)
+                     add_words, fit_routers, load_adapter_state_dict, load_adapters, mark_only_adapters_trainable,
+                     routing_mask, save_adapters, update_targets)
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("default")
@@ -631,13 +631,13 @@ def test_words_adapters_save_and_load_with_their_known_words(tmp_path):
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
 
 
-def test_kmeans_routers_rank_an_instance_s_nearest_clusters_first():
+def test_the_fitted_routers_rank_an_instance_s_nearest_clusters_first():
     # Two well-separated groups of updates, words that tell them apart: top-1 is the group's cluster.
     g = torch.Generator().manual_seed(5)
     group = torch.arange(60) % 2
     x_bar = torch.randn(2, 4, dtype=F64, generator=g)[group] + 0.1 * torch.randn(60, 4, dtype=F64, generator=g)
     U = 5.0 * torch.randn(2, 3, dtype=F64, generator=g)[group] + 0.1 * torch.randn(60, 3, dtype=F64, generator=g)
-    R = kmeans_routers(x_bar, U @ U.T, 2, 10, torch.Generator().manual_seed(0))  # (E, d)
+    R = fit_routers(x_bar, update_targets(x_bar, U @ U.T, 2, 10, torch.Generator().manual_seed(0)))  # (E, d)
     top = (x_bar @ R.T).argmax(1)
     assert torch.equal(top, group) or torch.equal(top, 1 - group)
 

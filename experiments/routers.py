@@ -48,8 +48,8 @@ import toy_tasks
 import train_toy
 from experiments import common
 from experiments.common import cell
-from mixlora import (SCORES, MixLoRALinear, Routing, fitted, k_means, mark_only_adapters_trainable, replace_linears, ridge,
-                     straight_through)
+from mixlora import (SCORES, MixLoRALinear, Routing, fit_routers, fitted, k_means, mark_only_adapters_trainable,
+                     replace_linears, straight_through, update_targets)
 from tiny_mllm import TinyMLLM, answer_mask
 from train_toy import Config
 
@@ -366,14 +366,11 @@ def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, word
         in_prompt = torch.arange(tokens.shape[1], device=tokens.device) < prompt_lens[:, None]  # (n, L)
         with torch.no_grad():
             said = common.masked_mean(model.embed(tokens), in_prompt).double().cpu()  # (n, d_model): the words
-        U = fitted(said if words else instruction.x_bar.double().cpu(), gram)  # (n, 32)
-        gen = torch.Generator().manual_seed(config.seed)
         universal = getattr(layers[0], "universal", 0)
-        target = -torch.cdist(U, k_means(U, layers[0].num_factors - universal, iters, gen)) ** 2  # (n, E - universal)
-        target = target - target.mean(1, keepdim=True)  # only an instance's ranking of the clusters counts
-        target = target - target.mean(0)  # no factor favoured on average: a bias-free router has no offset
+        target = update_targets(said if words else instruction.x_bar.double().cpu(), gram,
+                                layers[0].num_factors - universal, iters, torch.Generator().manual_seed(config.seed))
         target = nn.functional.pad(target, (universal, 0))  # (n, E): the universal factors' logits are +inf anyway
-        X_words, target_words = said, target
+        dropped = None
         if word_dropout:
             gen_drop = torch.Generator().manual_seed(config.seed)
             keep = torch.rand(copies, *in_prompt.shape, generator=gen_drop) >= word_dropout  # (copies, n, L)
@@ -381,21 +378,18 @@ def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, word
             keep |= in_prompt & ~keep.any(2, keepdim=True)  # a prompt that lost every word keeps them all
             with torch.no_grad():
                 embedded = model.embed(tokens)
-                X_words = torch.cat([common.masked_mean(embedded, k) for k in keep]).double().cpu()  # (copies·n, d_model)
-            target_words = target.repeat(copies, 1)
+                dropped = torch.stack([common.masked_mean(embedded, k) for k in keep]).double().cpu()  # (copies, n, d_model)
         with torch.no_grad():
             for layer, record in seen.items():
                 if isinstance(layer, InstructionWords):
-                    X, Y = X_words, target_words
+                    R = fit_routers(said, target, dropped)  # (E, d_model)
                     if known:
                         layer.known = torch.zeros(len(train_toy.TOK), dtype=torch.bool, device=tokens.device)
                         layer.known[tokens[in_prompt]] = True
                 else:
-                    X, Y = record.x_bar.double().cpu(), target  # (n, d_in)
-                R = ridge(X, Y)  # (d_in, E)
-                R = R * 2.0 / (X @ R).std().clamp_min(1e-12)
+                    R = fit_routers(record.x_bar.double().cpu(), target)  # (E, d_in)
                 for router in (layer.router_A, layer.router_B):
-                    router.copy_(R.T.to(router))
+                    router.copy_(R.to(router))
         return model
     return start
 

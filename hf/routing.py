@@ -1,6 +1,6 @@
 """The start of mixlora.py's words router (WordsLinear, add_words: docs/method.md §3.11) on a transformers
 model: what each training instance asks of the base model, read from the batches the Trainer sees, then
-mixlora.kmeans_routers. Torch only; it reads what every transformers VLM has: get_input_embeddings(),
+mixlora's update_targets and fit_routers. Torch only; it reads what every transformers VLM has: get_input_embeddings(),
 get_decoder() (the embeddings the LM receives, the image's among them), the logits and the labels.
 
     model = add_words(lm, targets, E, r, d_words, image_token_id, vocab_size)   # mixlora.py
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mixlora import WordsLinear, instruction_mask, kmeans_routers, routing_mask, words_x_bar
+from mixlora import WordsLinear, fit_routers, instruction_mask, routing_mask, update_targets, words_x_bar
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def update_kmeans_start(model: nn.Module, batches: Iterable[dict[str, Tensor]], 
     """Set every WordsLinear's R^A = R^B and known words from the training batches, as experiments/routers.py's
     update_kmeans(words=True, known=True, word_dropout=0.5) does on the toy, and leave them frozen: per instance
     x̄_i, its word-dropout copies, g_i and v_i (`answer_update`), the Gram of U_i = g_i ⊗ (v_i − v̄),
-    <U_i, U_j> = <g_i, g_j> <v_i − v̄, v_j − v̄>, then `kmeans_routers`."""
+    <U_i, U_j> = <g_i, g_j> <v_i − v̄, v_j − v̄>, then `update_targets` and `fit_routers`."""
     layers = [m for m in model.modules() if isinstance(m, WordsLinear)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no words layers: add_words puts them in")
@@ -81,7 +81,8 @@ def update_kmeans_start(model: nn.Module, batches: Iterable[dict[str, Tensor]], 
     x_bar, dropped, g, v, ids = (torch.cat(part, dim=1 if part[0].dim() == 3 else 0) for part in zip(*parts))
     v = v - v.mean(0)  # x̄ (n, d_words), dropped (copies, n, d_words), g (n, vocab), v (n, d_lm), ids (words,)
     gram = (g @ g.T) * (v @ v.T)  # (n, n): <g_i ⊗ v_i, g_j ⊗ v_j> = <g_i, g_j> <v_i, v_j>
-    R = kmeans_routers(x_bar, gram, layers[0].num_factors, iters, torch.Generator().manual_seed(seed), dropped)
+    target = update_targets(x_bar, gram, layers[0].num_factors, iters, torch.Generator().manual_seed(seed))  # (n, E)
+    R = fit_routers(x_bar, target, dropped)  # (E, d_words)
     for layer in layers:
         for router in (layer.router_A, layer.router_B):
             router.copy_(R.to(router))

@@ -13,7 +13,7 @@ from tests.test_finetune_vlm import without_video_processor  # noqa: E402,F401  
 
 from hf import finetune_vlm  # noqa: E402
 from hf.routing import answer_update, update_kmeans_start  # noqa: E402
-from mixlora import (WordsLinear, add_words, instruction_mask, kmeans_routers, known_words,  # noqa: E402
+from mixlora import (WordsLinear, add_words, fit_routers, instruction_mask, known_words, update_targets,  # noqa: E402
                      words_x_bar)
 from mixlora import adapter_state_dict, mark_only_adapters_trainable, read_adapters, routing_mask  # noqa: E402
 
@@ -109,6 +109,10 @@ def test_answer_update_is_the_gradient_of_a_linear_image_to_logits_map(tmp_path)
         (ce * (labels[i, 1:] != -100)).sum().backward()
         torch.testing.assert_close(torch.outer(g[i], v[i]), M.grad, rtol=1e-9, atol=1e-12)
     assert x_bar.shape == (4, 32) and g.abs().sum() > 0
+
+
+def kmeans_routers(x_bar, gram, E, iters, gen, dropped=None):
+    return fit_routers(x_bar, update_targets(x_bar, gram, E, iters, gen), dropped)
 
 
 def test_kmeans_routers_give_each_factor_to_one_task_whatever_the_phrasing():
