@@ -623,6 +623,13 @@ def words_x_bar(embedded: Tensor, mask: Tensor) -> Tensor:
     return torch.bmm(m[:, None, :], embedded.detach().to(dtype)).squeeze(1)  # (N, 1, L) @ (N, L, d) -> (N, d)
 
 
+def drop_words(words: Tensor, copies: int, p: float, gen: torch.Generator | None = None) -> Tensor:
+    """`copies` of the words mask (N, L) bool, each word dropped with probability p, and every copy
+    keeping at least one word (a copy that lost them all keeps them all): (copies, N, L) bool."""
+    kept = (torch.rand(copies, *words.shape, generator=gen) >= p).to(words.device) & words
+    return kept | (words & ~kept.any(2, keepdim=True))
+
+
 class WordsLinear(MixLoRALinear):
     """MixLoRA whose routers read x̄ = words_x_bar of the instruction's input embeddings, not the layer's input.
 

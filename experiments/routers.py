@@ -49,7 +49,7 @@ import train_toy
 from experiments import common
 from experiments.common import cell
 from mixlora import (SCORES, MixLoRALinear, Routing, fit_routers, fitted, k_means, mark_only_adapters_trainable,
-                     replace_linears, straight_through, update_targets)
+                     drop_words, replace_linears, straight_through, update_targets)
 from tiny_mllm import TinyMLLM, answer_mask
 from train_toy import Config
 
@@ -372,10 +372,7 @@ def update_kmeans(adapt: common.Adapt, prompts: int = 512, iters: int = 25, word
         target = nn.functional.pad(target, (universal, 0))  # (n, E): the universal factors' logits are +inf anyway
         dropped = None
         if word_dropout:
-            gen_drop = torch.Generator().manual_seed(config.seed)
-            keep = torch.rand(copies, *in_prompt.shape, generator=gen_drop) >= word_dropout  # (copies, n, L)
-            keep = keep.to(in_prompt.device) & in_prompt
-            keep |= in_prompt & ~keep.any(2, keepdim=True)  # a prompt that lost every word keeps them all
+            keep = drop_words(in_prompt, copies, word_dropout, torch.Generator().manual_seed(config.seed))  # (copies, n, L)
             with torch.no_grad():
                 embedded = model.embed(tokens)
                 dropped = torch.stack([common.masked_mean(embedded, k) for k in keep]).double().cpu()  # (copies, n, d_model)

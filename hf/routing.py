@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mixlora import WordsLinear, fit_routers, instruction_mask, routing_mask, update_targets, words_x_bar
+from mixlora import WordsLinear, drop_words, fit_routers, instruction_mask, routing_mask, update_targets, words_x_bar
 
 
 @torch.no_grad()
@@ -49,9 +49,7 @@ def answer_update(model: nn.Module, batch: dict[str, Tensor], image_token_id: in
     x_bar = words_x_bar(embedded, words)  # (N, d_words)
     # Word dropout: no single word of a phrasing may decide the routing, so the fit sees every instruction
     # with random words left out (at least one kept).
-    kept = (torch.rand(copies, *words.shape, generator=gen) >= word_dropout).to(words.device) & words  # (copies, N, L)
-    kept |= words & ~kept.any(2, keepdim=True)  # a copy that lost every word keeps them all
-    dropped = torch.stack([words_x_bar(embedded, k) for k in kept])  # (copies, N, d_words)
+    dropped = torch.stack([words_x_bar(embedded, k) for k in drop_words(words, copies, word_dropout, gen)])  # (copies, N, d)
     answer = labels[:, 1:] != -100  # (N, T - 1): token t + 1 is an answer token, predicted at t
     p = logits[:, :-1][answer].double().softmax(-1)  # (answer tokens, vocab): only these, a vocab-wide row each
     p[torch.arange(len(p)), labels[:, 1:][answer]] -= 1.0  # softmax − e_y
