@@ -633,10 +633,10 @@ def drop_words(words: Tensor, copies: int, p: float, gen: torch.Generator | None
 class WordsLinear(MixLoRALinear):
     """MixLoRA whose routers read x̄ = words_x_bar of the instruction's input embeddings, not the layer's input.
 
-    IFS only, frozen routers (buffers, router_grad=False): fit_routers fits them (hf/routing.py's
-    update_kmeans_start on a transformers model), and sets `known`. `input_ids` and
-    `embedded` (N, L, d_words) are handed over by add_words' hook on the input embedding; the prompt mask is
-    routing_mask's, as for every MixLoRA layer, which also makes new tokens reuse the prompt's routing.
+    IFS only, frozen routers (buffers, router_grad=False). A start sets R^A = R^B (update_targets, then
+    fit_routers) and `known`, the words it saw: hf/routing.py's update_kmeans_start on a transformers model.
+    `input_ids` and `embedded` (N, L, d_words) are handed over by add_words' hook on the input embedding; the
+    prompt mask is routing_mask's, as for every MixLoRA layer, which also makes new tokens reuse its routing.
     """
 
     def __init__(self, base: nn.Linear, num_factors: int, rank: int, d_words: int, image_token_id: int,

@@ -1,7 +1,8 @@
 """The start of mixlora.py's words router (WordsLinear, add_words: docs/method.md §3.11) on a transformers
 model: what each training instance asks of the base model, read from the batches the Trainer sees, then
-mixlora's update_targets and fit_routers. Torch only; it reads what every transformers VLM has: get_input_embeddings(),
-get_decoder() (the embeddings the LM receives, the image's among them), the logits and the labels.
+mixlora's update_targets and fit_routers. Torch only; it reads what every transformers VLM has:
+get_input_embeddings(), get_decoder() (the embeddings the LM receives, the image's among them), the
+logits and the labels.
 
     model = add_words(lm, targets, E, r, d_words, image_token_id, vocab_size)   # mixlora.py
     update_kmeans_start(model, batches)                                         # here: R^A = R^B, known; frozen
