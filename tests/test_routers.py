@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import toy_tasks
 import train_toy
+import mixlora
 from experiments import common, routers
 from mixlora import LoRALinear, MixLoRALinear, adapter_state_dict
 from tiny_mllm import TinyMLLM, answer_mask
@@ -97,7 +98,7 @@ def test_k_means_finds_separated_clusters_and_the_probe_reads_them():
     centres = torch.eye(3, 8, dtype=F64) * 10
     labels = torch.arange(300) % 3
     x = centres[labels] + torch.randn(300, 8, dtype=F64, generator=gen)
-    found = routers.k_means(x, 3, 20, torch.Generator().manual_seed(1))
+    found = mixlora.k_means(x, 3, 20, torch.Generator().manual_seed(1))
     assert torch.cdist(centres, found).min(1).values.max() < 0.5  # every centre found
     assert routers.probe(x.numpy(), labels.numpy()) == 1.0
     noise = torch.randn(300, 8, dtype=F64, generator=gen).numpy()
@@ -125,14 +126,14 @@ def test_fitted_keeps_what_the_instruction_predicts_and_drops_what_varies_within
     X = torch.eye(12, dtype=F64)[instruction] + 0.01 * torch.randn(1200, 12, dtype=F64, generator=gen)
     per_instruction = torch.randn(12, 40, dtype=F64, generator=gen)
     U = per_instruction[instruction] + 2 * torch.randn(1200, 40, dtype=F64, generator=gen)
-    features = routers.fitted(X, U @ U.T, m=12)  # (n, 12)
+    features = mixlora.fitted(X, U @ U.T, m=12)  # (n, 12)
     truth = per_instruction[instruction] - per_instruction[instruction].mean(0)
     error = lambda gram: float((gram - truth @ truth.T).norm() / (truth @ truth.T).norm())
     centred = U - U.mean(0)
     assert error(features @ features.T) < 0.25 < 2.0 < error(centred @ centred.T)  # the noise is gone (but its group means)
     assert routers.nmi(torch.cdist(features, features[:12]).argmin(1).numpy(), instruction.numpy()) == 1.0
     W = torch.randn(12, 3, dtype=F64, generator=gen)
-    torch.testing.assert_close(routers.ridge(X, X @ W), W, rtol=0, atol=0.05)  # the map, up to the ridge
+    torch.testing.assert_close(mixlora.ridge(X, X @ W), W, rtol=0, atol=0.05)  # the map, up to the ridge
 
 
 def test_answer_update_gram_is_the_gradient_of_a_linear_image_to_logits_map(tmp_path):
