@@ -470,7 +470,8 @@ POSTHOC = {"words + update k-means + known words + word dropout; frozen": {"Arro
 FIGURE = ["LoRA r=4", "LoRA r=16", "MixLoRA softmax (the paper)", "MixLoRA sigmoid", "frozen routers (released code)",
           "task table (Poly; needs the label)", "oracle", "counterfactual credit", "Gumbel top-r",
           "instruction-only + k-means; frozen (as MoCLE)", "instruction-only + update k-means; frozen",
-          "instruction words", "instruction words + update k-means; frozen"]  # the figure's lines: one or two per family
+          "instruction words", "instruction words + update k-means; frozen",
+          "words + update k-means + known words + word dropout; frozen"]  # the figure's lines: one or two per family
 
 
 # ---- measuring along one schedule ----------------------------------------------------------------
@@ -736,9 +737,9 @@ def figure(results: dict, path: Path) -> None:
     cells = list(results["curves"])
     methods = [m for m in FIGURE if any(m in by_method for by_method in results["curves"].values())]
     pw, ph, m = 420, 240, 50
-    img = Image.new("RGB", (2 * pw + 20, len(cells) * (ph + 40) + 20 + 18 * ((len(methods) + 1) // 2)), "white")
+    img = Image.new("RGB", (2 * pw + 20, len(cells) * (ph + 40) + 20 + 18 * len(methods)), "white")
     draw = ImageDraw.Draw(img)
-    extra = [(0, 128, 128), (128, 0, 0)]  # past tab10's ten: FIGURE has twelve lines besides the oracle's
+    extra = [(0, 128, 128), (128, 0, 0), (0, 0, 0x80)]  # past tab10's ten: FIGURE has thirteen lines besides the oracle's
     others = iter(common.PALETTE + extra)
     colour = {label: (0, 0, 0) if label == "oracle" else next(others) for label in methods}
     for row, key in enumerate(cells):
@@ -760,7 +761,7 @@ def figure(results: dict, path: Path) -> None:
                 draw.line(pts, fill=colour[label], width=2)
             draw.text((x0, y1 + 4), f"step 0 ... {steps[-1]}", fill="black", font=common.FONT)
     for j, label in enumerate(methods):
-        x, y = 20 + (j % 2) * (pw + 10), len(cells) * (ph + 40) + 10 + 18 * (j // 2)
+        x, y = 20, len(cells) * (ph + 40) + 10 + 18 * j  # one label a row: some are long
         draw.line((x, y + 7, x + 24, y + 7), fill=colour[label], width=3)
         draw.text((x + 30, y), label, fill="black", font=common.FONT)
     path.parent.mkdir(parents=True, exist_ok=True)
