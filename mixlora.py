@@ -226,17 +226,7 @@ class MixLoRALinear(_LowRankAdapter):
         x, mask = _instances(x, mask, self.in_features, checked=mask is self.mask)  # (N, T, d_in), (N, T) or None
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            # Routing reads x and the a-pool, and trains the routers only (§3.4): detached, so that
-            # no routing gradient reaches the factors or the layers below, and E = r trains as LoRA.
-            x = x.detach().to(dtype)  # pooled in float32 too (§3.5)
-            if mask is None:
-                x_bar = x.mean(1)  # (N, d_in)
-            else:
-                # Masked mean as one matmul. clamp: an instance with no prompt position (an error
-                # where _instances can check it) routes on x̄ = 0, never on NaN.
-                m = mask.to(dtype)
-                m = m / m.sum(1, keepdim=True).clamp(min=1)
-                x_bar = torch.bmm(m[:, None, :], x).squeeze(1)  # (N, d_in)
+            x_bar = self.x_bar(x, mask, dtype)  # (N, d_in)
             score = SCORES[self.scores]  # softmax over the E factors (the paper), or σ per factor
             # IFS: p^A = softmax(R^A x̄) and p^B's first term softmax(R^B x̄), in one matmul and one score.
             routers = torch.cat([self.router_A, self.router_B]).to(dtype)  # (2E, d_in)
@@ -249,6 +239,19 @@ class MixLoRALinear(_LowRankAdapter):
         if not self.router_grad:  # frozen routers: hard indices, no gradient through the routing
             p_a, p_b = p_a.detach(), p_b.detach()
         return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
+
+    def x_bar(self, x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """x̄ (§3.1): the mean of x (N, T, d_in) over its prompt positions, in dtype -> (N, d_in)."""
+        # Routing reads x and the a-pool, and trains the routers only (§3.4): detached, so that
+        # no routing gradient reaches the factors or the layers below, and E = r trains as LoRA.
+        x = x.detach().to(dtype)  # pooled in float32 too (§3.5)
+        if mask is None:
+            return x.mean(1)
+        # Masked mean as one matmul. clamp: an instance with no prompt position (an error
+        # where _instances can check it) routes on x̄ = 0, never on NaN.
+        m = mask.to(dtype)
+        m = m / m.sum(1, keepdim=True).clamp(min=1)
+        return torch.bmm(m[:, None, :], x).squeeze(1)  # (N, 1, T) @ (N, T, d_in) -> (N, d_in)
 
     def top_r(self, p: Tensor) -> Tensor:
         """S = the r factors of largest score p (N, E), sorted ascending: the canonical order."""
@@ -659,8 +662,9 @@ class WordsLinear(MixLoRALinear):
                     dropout=self.dropout.p, scores=self.scores, upcast=self.upcast, d_words=self.d_words,
                     image_token_id=self.image_token_id, vocab_size=len(self.known))
 
-    def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        """S^A = top-r(score(R^A x̄)), S^B = top-r(score(R^B x̄)), x̄ the instruction's mean input embedding."""
+    def x_bar(self, x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """x̄ = the mean input embedding of the instruction's known words (N, d_words), not of x: the routing
+        of MixLoRALinear.route is then IFS on it (conditional=False), with frozen routers."""
         if mask is None:
             raise ValueError("a words layer routes on the prompt: call the model inside "
                              "routing_mask(model, prompt_mask)")
@@ -668,14 +672,8 @@ class WordsLinear(MixLoRALinear):
             raise ValueError(f"the prompt mask is {tuple(mask.shape)} but the input embedding last seen is "
                              f"{None if self.embedded is None else tuple(self.embedded.shape[:2])}: call the model "
                              f"with input_ids (the words router reads get_input_embeddings()'s output)")
-        with torch.autocast(x.device.type, enabled=False):
-            words = known_words(instruction_mask(self.input_ids, mask, self.image_token_id), self.input_ids, self.known)
-            x_bar = words_x_bar(self.embedded, words)  # (N, d_words)
-            routers = torch.cat([self.router_A, self.router_B]).to(x_bar.dtype)  # (2E, d_words)
-            p_a, p_b = SCORES[self.scores]((x_bar @ routers.T).view(-1, 2, self.num_factors)).unbind(1)  # (N, E) each
-            index_a, index_b = self.top_r(p_a), self.top_r(p_b)  # (N, r) each
-        # No gradient through the routing: the routers are buffers and x̄ is detached, so p^A, p^B have none.
-        return Routing(index_a, index_b, straight_through(p_a, index_a), straight_through(p_b, index_b), p_a, p_b)
+        words = known_words(instruction_mask(self.input_ids, mask, self.image_token_id), self.input_ids, self.known)
+        return words_x_bar(self.embedded, words).to(dtype)  # (N, d_words)
 
 
 def add_words(model: nn.Module, targets: Sequence[str] | str, num_factors: int, rank: int, d_words: int, image_token_id: int,

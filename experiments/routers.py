@@ -49,7 +49,7 @@ import train_toy
 from experiments import common
 from experiments.common import cell
 from mixlora import (SCORES, MixLoRALinear, Routing, fit_routers, fitted, k_means, mark_only_adapters_trainable,
-                     drop_words, replace_linears, straight_through, update_targets)
+                     drop_words, known_words, replace_linears, straight_through, update_targets)
 from tiny_mllm import TinyMLLM, answer_mask
 from train_toy import Config
 
@@ -163,18 +163,16 @@ class InstructionWords(MixLoRALinear):
         self.tokens: Tensor | None = None  # (N, L): the text's token ids
         self.known: Tensor | None = None  # (vocab,) bool: the words a start fitted on (None: every word counts)
 
-    def x_bar(self, mask: Tensor) -> Tensor:
-        """The mean embedding over the instruction: the prompt mask's text part (N, L) -> (N, d_model);
-        with `known`, over the words the routers were fitted on only (a word never seen in the fit is
-        no evidence for any factor), or over every word of an instruction that has none of them."""
+    def x_bar(self, x: Tensor, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The mean embedding over the instruction, not of x: the prompt mask's text part (N, L) ->
+        (N, d_model); with `known`, over the words the routers were fitted on only (mixlora.known_words)."""
         mask = mask[:, -self.embedded.shape[1]:]
         if self.known is not None:
-            fitted_on = mask & self.known[self.tokens]
-            mask = torch.where(fitted_on.any(1, keepdim=True), fitted_on, mask)
-        return common.masked_mean(self.embedded, mask)
+            mask = known_words(mask, self.tokens, self.known)
+        return common.masked_mean(self.embedded, mask).to(dtype)
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        x_bar, score = self.x_bar(mask).float(), SCORES[self.scores]  # (N, d_model)
+        x_bar, score = self.x_bar(x, mask), SCORES[self.scores]  # (N, d_model), float32
         p_a, p_b = score(x_bar @ self.router_A.float().T), score(x_bar @ self.router_B.float().T)  # (N, E) each
         if not self.router_grad:
             p_a, p_b = p_a.detach(), p_b.detach()
@@ -194,7 +192,7 @@ class UniversalWords(InstructionWords):
         self.universal = universal
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> Routing:
-        x_bar, score = self.x_bar(mask).float(), SCORES[self.scores]  # (N, d_model)
+        x_bar, score = self.x_bar(x, mask), SCORES[self.scores]  # (N, d_model), float32
         always = torch.zeros(self.num_factors, device=x_bar.device)
         always[:self.universal] = float("inf")
         p_a, p_b = (score(x_bar @ R.float().T + always) for R in (self.router_A, self.router_B))  # (N, E) each

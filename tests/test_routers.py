@@ -245,7 +245,7 @@ def test_known_words_routing_ignores_words_the_fit_never_saw(tmp_path):
     only_unseen = torch.full((2, 3), unseen)
     x = torch.randn(2, 3, 8)
     layer.embedded, layer.tokens = x, only_unseen
-    torch.testing.assert_close(layer.x_bar(torch.ones(2, 3, dtype=torch.bool)), x.mean(1))
+    torch.testing.assert_close(layer.x_bar(None, torch.ones(2, 3, dtype=torch.bool)), x.mean(1))
 
 
 def test_universal_factors_are_chosen_for_every_instance():
